@@ -1,0 +1,1 @@
+"""Forward destinations: ``hub`` (upload protocol), ``dicom`` (C-STORE SCU), ``local`` (hub)."""

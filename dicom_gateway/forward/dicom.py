@@ -1,0 +1,215 @@
+"""Destination type ``dicom``: C-STORE SCU to any PACS, and the hub's in-process ``local`` sink.
+
+The SCU proposes, for every (SOP class, transfer syntax) actually present, that exact pair
+first and uncompressed fallbacks after it, so the peer can take instances as they are and
+pynetdicom never re-encodes behind our back (FIELD-NOTES). Only instances that failed are
+retried; warnings are recorded with the instance.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, build_context
+from pynetdicom.presentation import PresentationContext
+
+from dicom_gateway.forward.worker import StudyWork, TransportError, mark_committed
+from dicom_gateway.spool import Spool
+from dicom_gateway.state import COMMITTED, FAILED, PENDING, UPLOADED, StateDB
+
+logger = logging.getLogger(__name__)
+
+MAX_CONTEXTS = 128
+#: Permanent refusals: retrying the same bytes cannot help after a few attempts.
+MAX_ATTEMPTS = 5
+
+
+def _is_warning(status: int) -> bool:
+    return status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF
+
+
+def _retry_forever(status: int) -> bool:
+    """Out of resources (0xA7xx) and processing failures (0x0110) are the peer's trouble:
+    it will recover, so keep retrying; other failures count towards MAX_ATTEMPTS."""
+    return 0xA700 <= status <= 0xA7FF or status == 0x0110
+
+
+def plan_contexts(pairs: set[tuple[str, str]]) -> list[PresentationContext]:
+    """One context per (SOP class, transfer syntax); uncompressed alternatives are added so a
+    peer that refuses the compressed syntax can still receive (pydicom decodes then)."""
+    contexts: list[PresentationContext] = []
+    for sop_class, ts in sorted(pairs):
+        syntaxes = [ts]
+        if UID(ts).is_compressed or ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            syntaxes += [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        contexts.append(build_context(sop_class, list(dict.fromkeys(syntaxes))))
+    if len(contexts) > MAX_CONTEXTS:
+        raise TransportError(f"study needs {len(contexts)} presentation contexts (max 128)")
+    return contexts
+
+
+class DicomTransport:
+    def __init__(
+        self,
+        *,
+        destination: str,
+        aet: str,
+        host: str,
+        port: int,
+        calling_aet: str,
+        state: StateDB,
+        spool: Spool,
+        tls_args: Any = None,
+    ) -> None:
+        self.destination = destination
+        self.aet, self.host, self.port = aet, host, port
+        self.calling_aet = calling_aet
+        self.state = state
+        self.spool = spool
+        self.tls_args = tls_args
+
+    def send(self, study: StudyWork, preempt: Callable[[], bool]) -> bool:
+        rows = self.state.query(
+            "SELECT d.sop_instance_uid, i.sop_class_uid, i.transfer_syntax, i.path, d.attempts "
+            "FROM deliveries d JOIN instances i ON i.sop_instance_uid = d.sop_instance_uid "
+            "WHERE d.destination = ? AND d.study_uid = ? AND d.state = ? ORDER BY i.received_at",
+            (self.destination, study.study_uid, PENDING),
+        )
+        if not rows:
+            return True
+        ae = AE(ae_title=self.calling_aet)
+        ae.maximum_pdu_size = 0
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+        for cx in plan_contexts({(r[1], r[2]) for r in rows}):
+            ae.add_requested_context(cx.abstract_syntax, cx.transfer_syntax)  # type: ignore[arg-type]
+        assoc = ae.associate(self.host, self.port, ae_title=self.aet, tls_args=self.tls_args)
+        if not assoc.is_established:
+            raise TransportError(
+                f"association with {self.aet}@{self.host}:{self.port} failed "
+                f"({'rejected' if assoc.is_rejected else 'no answer or aborted'})"
+            )
+        try:
+            for uid, _sop_class, _ts, rel, attempts in rows:
+                if not assoc.is_established:
+                    raise TransportError(f"association with {self.aet} dropped")
+                self._store_one(assoc, uid, rel, attempts)
+                if preempt():
+                    return False
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        self.state.set_link(self.destination, "up", "stored", ok=True)
+        return True
+
+    def _store_one(self, assoc: Any, uid: str, rel: str, attempts: int) -> None:
+        try:
+            ds = dcmread(self.spool.absolute(rel))
+        except Exception as exc:
+            self._mark(uid, FAILED, f"spool file unreadable: {exc}", attempts + 1)
+            return
+        try:
+            rsp = assoc.send_c_store(ds)
+        except ValueError as exc:
+            # No accepted context for this SOP class / syntax: the peer will never take it.
+            self._mark(uid, FAILED, f"not accepted by peer: {exc}", attempts + 1)
+            return
+        status = int(getattr(rsp, "Status", -1)) if rsp else -1
+        if status == -1:
+            raise TransportError(f"no C-STORE response from {self.aet} for {uid}")
+        if status == 0x0000:
+            self._mark(uid, COMMITTED, "", attempts)
+        elif _is_warning(status):
+            logger.warning("%s stored %s with warning 0x%04X", self.aet, uid, status)
+            self._mark(uid, COMMITTED, f"warning 0x{status:04X}", attempts)
+        else:
+            attempts += 1
+            give_up = not _retry_forever(status) and attempts >= MAX_ATTEMPTS
+            logger.warning(
+                "%s refused %s: 0x%04X (attempt %d%s)",
+                self.aet,
+                uid,
+                status,
+                attempts,
+                ", giving up" if give_up else "",
+            )
+            self._mark(uid, FAILED if give_up else PENDING, f"failure 0x{status:04X}", attempts)
+
+    def _mark(self, uid: str, state: str, status: str, attempts: int) -> None:
+        with self.state.transaction() as db:
+            db.execute(
+                "UPDATE deliveries SET state = ?, last_status = ?, attempts = ?, updated_at = ? "
+                "WHERE destination = ? AND sop_instance_uid = ?",
+                (state, status, attempts, time.time(), self.destination, uid),
+            )
+
+    def commit(self, study: StudyWork) -> None:
+        """C-STORE has no commit step: each stored instance is already committed."""
+        uids = [
+            r[0]
+            for r in self.state.query(
+                "SELECT sop_instance_uid FROM deliveries WHERE destination = ? AND study_uid = ? "
+                "AND state = ?",
+                (self.destination, study.study_uid, UPLOADED),
+            )
+        ]
+        mark_committed(self.state, self.destination, study.study_uid, uids)
+
+
+class LocalTransport:
+    """The hub's own listener hands instances to the in-process ingest service."""
+
+    def __init__(self, *, destination: str, ingest: Any, state: StateDB, spool: Spool) -> None:
+        self.destination = destination
+        self.ingest = ingest
+        self.state = state
+        self.spool = spool
+
+    def send(self, study: StudyWork, preempt: Callable[[], bool]) -> bool:
+        rows = self.state.query(
+            "SELECT d.sop_instance_uid, i.path, i.calling_aet FROM deliveries d "
+            "JOIN instances i ON i.sop_instance_uid = d.sop_instance_uid "
+            "WHERE d.destination = ? AND d.study_uid = ? AND d.state = ? ORDER BY i.received_at",
+            (self.destination, study.study_uid, PENDING),
+        )
+        for uid, rel, calling in rows:
+            try:
+                self.ingest.store_instance(
+                    f"dicom:{calling}", self.spool.absolute(rel).read_bytes()
+                )
+            except Exception as exc:
+                raise TransportError(f"hub ingest failed for {uid}: {exc}") from exc
+            with self.state.transaction() as db:
+                db.execute(
+                    "UPDATE deliveries SET state = ?, updated_at = ? "
+                    "WHERE destination = ? AND sop_instance_uid = ?",
+                    (UPLOADED, time.time(), self.destination, uid),
+                )
+            if preempt():
+                return False
+        return True
+
+    def commit(self, study: StudyWork) -> None:
+        from reading_queue.ingest import StudyMeta
+
+        rows = self.state.query(
+            "SELECT d.sop_instance_uid, i.calling_aet FROM deliveries d JOIN instances i "
+            "ON i.sop_instance_uid = d.sop_instance_uid "
+            "WHERE d.destination = ? AND d.study_uid = ? AND d.state = ?",
+            (self.destination, study.study_uid, UPLOADED),
+        )
+        uids = [r[0] for r in rows]
+        station = f"dicom:{rows[0][1]}" if rows else "dicom"
+        res = self.ingest.commit(
+            station,
+            study.study_uid,
+            uids,
+            StudyMeta(study.priority, study.modality, study.body_part),
+        )
+        if not res.committed:
+            raise TransportError(f"hub commit of {study.study_uid} lacks {len(res.missing)}")
+        mark_committed(self.state, self.destination, study.study_uid, uids)

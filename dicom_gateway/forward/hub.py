@@ -1,0 +1,427 @@
+"""Destination type ``hub``: the telerad upload protocol over HTTP(S).
+
+1. Manifest: the gateway announces the study's pending instances (UID, size, sha256); the hub
+   answers which it lacks, so nothing is sent twice after a crash or a re-send.
+2. Bundles: the missing instances are packed (losslessly compressed for the wire) into bundle
+   files in ``outbox/`` and uploaded with tus 1.0.0: POST creates the upload, PATCH streams
+   it, HEAD tells where to resume after a broken connection. Creation is idempotent per bundle
+   sha256, so a crash between POST and recording the URL does not start over.
+3. Commit: once the study has been quiet for the quiet period and everything is uploaded, the
+   hub commits the study atomically; only then are the instances marked committed.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import httpx
+
+from dicom_gateway.forward.worker import StudyWork, TransportError, mark_committed
+from dicom_gateway.spool import Spool
+from dicom_gateway.state import BUNDLED, FAILED, PENDING, UPLOADED, Bundle, StateDB
+from telerad.fileio import fsync_dir
+from telerad.wire import BundleEntry, write_bundle
+
+logger = logging.getLogger(__name__)
+
+TUS = {"Tus-Resumable": "1.0.0"}
+
+
+class _HashingWriter:
+    """Counts and hashes what ``write_bundle`` writes, so the file is read only once."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh = fh
+        self.sha = hashlib.sha256()
+        self.length = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.length += len(data)
+        return self.fh.write(data)
+
+
+class HubTransport:
+    def __init__(
+        self,
+        *,
+        destination: str,
+        hub_url: str,
+        token: str,
+        state: StateDB,
+        spool: Spool,
+        bundle_max_bytes: int = 16 * 1024 * 1024,
+        chunk_bytes: int = 256 * 1024,
+        verify: bool | str = True,
+        timeout_s: float = 60.0,
+    ) -> None:
+        self.destination = destination
+        self.state = state
+        self.spool = spool
+        self.bundle_max_bytes = bundle_max_bytes
+        self.chunk_bytes = chunk_bytes
+        self.base = hub_url.rstrip("/") + "/api/v1/ingest"
+        self.client = httpx.Client(
+            headers={"Authorization": f"Bearer {token}", "User-Agent": "telerad-gateway"},
+            timeout=httpx.Timeout(timeout_s, connect=15.0),
+            verify=verify,
+        )
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- HTTP with error mapping -----------------------------------------------------------
+
+    def _request(self, method: str, url: str, **kw: Any) -> httpx.Response:
+        try:
+            resp = self.client.request(method, url, **kw)
+        except httpx.HTTPError as exc:
+            raise TransportError(f"hub unreachable: {type(exc).__name__}: {exc}") from exc
+        if resp.status_code == 401:
+            raise TransportError("hub rejected the station token (401)")
+        if resp.status_code >= 500 or resp.status_code in (408, 423, 429):
+            raise TransportError(f"hub busy or failing: HTTP {resp.status_code} {resp.text[:200]}")
+        return resp
+
+    # -- Transport -------------------------------------------------------------------------
+
+    def send(self, study: StudyWork, preempt: Callable[[], bool]) -> bool:
+        for open_bundle in self._open_bundles(study.study_uid):
+            if not self._upload(open_bundle, preempt):
+                return False
+        pending = self.state.query(
+            "SELECT d.sop_instance_uid, i.size, i.sha256, i.path FROM deliveries d "
+            "JOIN instances i ON i.sop_instance_uid = d.sop_instance_uid "
+            "WHERE d.destination = ? AND d.study_uid = ? AND d.state = ? ORDER BY i.received_at",
+            (self.destination, study.study_uid, PENDING),
+        )
+        if not pending:
+            return True
+        missing = set(self._announce(study, pending))
+        held = [r[0] for r in pending if r[0] not in missing]
+        if held:
+            self._set_state(held, UPLOADED)
+        batch: list[Any] = []
+        size = 0
+        todo = [r for r in pending if r[0] in missing]
+        for i, row in enumerate(todo):
+            batch.append(row)
+            size += row[1]
+            if size >= self.bundle_max_bytes or i == len(todo) - 1:
+                bundle = self._pack(study.study_uid, batch)
+                batch, size = [], 0
+                if bundle is not None and not self._upload(bundle, preempt):
+                    return False
+                if preempt():
+                    return False
+        return True
+
+    def commit(self, study: StudyWork) -> None:
+        uids = [
+            r[0]
+            for r in self.state.query(
+                "SELECT sop_instance_uid FROM deliveries WHERE destination = ? AND study_uid = ? "
+                "AND state = ?",
+                (self.destination, study.study_uid, UPLOADED),
+            )
+        ]
+        resp = self._request(
+            "POST",
+            f"{self.base}/studies/{study.study_uid}/commit",
+            json={
+                "priority": study.priority,
+                "modality": study.modality,
+                "body_part": study.body_part,
+                "sop_instance_uids": uids,
+            },
+        )
+        if resp.status_code != 200:
+            raise TransportError(f"commit refused: HTTP {resp.status_code} {resp.text[:200]}")
+        body = resp.json()
+        if not body["committed"]:
+            missing = list(body["missing"])
+            logger.warning(
+                "hub lacks %d instances of %s at commit; sending them again",
+                len(missing),
+                study.study_uid,
+            )
+            self._set_state(missing, PENDING)
+            return
+        mark_committed(self.state, self.destination, study.study_uid, uids)
+        self.state.set_link(self.destination, "up", "committed", ok=True)
+        logger.info(
+            "study %s committed at hub (%d instances sent now, %d at hub)",
+            study.study_uid,
+            len(uids),
+            body["instance_count"],
+        )
+
+    # -- manifest --------------------------------------------------------------------------
+
+    def _announce(self, study: StudyWork, pending: list[Any]) -> list[str]:
+        resp = self._request(
+            "POST",
+            f"{self.base}/studies/{study.study_uid}/manifest",
+            json={
+                "priority": study.priority,
+                "modality": study.modality,
+                "body_part": study.body_part,
+                "instances": [
+                    {"sop_instance_uid": r[0], "size": r[1], "sha256": r[2]} for r in pending
+                ],
+            },
+        )
+        if resp.status_code != 200:
+            raise TransportError(f"manifest refused: HTTP {resp.status_code} {resp.text[:200]}")
+        return list(resp.json()["missing"])
+
+    def _set_state(self, uids: list[str], state: str) -> None:
+        now = time.time()
+        with self.state.transaction() as db:
+            db.executemany(
+                "UPDATE deliveries SET state = ?, bundle_id = NULL, updated_at = ? "
+                "WHERE destination = ? AND sop_instance_uid = ?",
+                [(state, now, self.destination, u) for u in uids],
+            )
+
+    # -- bundles ---------------------------------------------------------------------------
+
+    def _open_bundles(self, study_uid: str) -> list[Bundle]:
+        rows = self.state.query(
+            "SELECT id, destination, study_uid, path, length, raw_bytes, count, sha256, "
+            "upload_url, offset, bytes_sent FROM bundles WHERE destination = ? AND study_uid = ? "
+            "ORDER BY id",
+            (self.destination, study_uid),
+        )
+        return [Bundle(*r) for r in rows]
+
+    def _pack(self, study_uid: str, rows: list[Any]) -> Bundle | None:
+        bad: list[tuple[str, str]] = []
+        good: list[str] = []
+
+        def entries() -> Iterator[tuple[BundleEntry, bytes]]:
+            for uid, size, sha, rel in rows:
+                try:
+                    data = self.spool.absolute(rel).read_bytes()
+                except OSError as exc:
+                    bad.append((uid, f"spool file unreadable: {exc}"))
+                    continue
+                if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
+                    bad.append((uid, "spool file does not match its recorded sha256"))
+                    continue
+                good.append(uid)
+                yield BundleEntry(uid, study_uid, sha, size), data
+
+        name = f"bundle-{uuid.uuid4().hex}.tlb"
+        tmp = self.spool.tmp_dir / name
+        final = self.spool.outbox_dir / name
+        with tmp.open("wb") as fh:
+            writer = _HashingWriter(fh)
+            stats = write_bundle(writer, entries())  # type: ignore[arg-type]
+            fh.flush()
+            os.fsync(fh.fileno())
+        if bad:
+            now = time.time()
+            for uid, why in bad:
+                logger.error("instance %s cannot be forwarded: %s", uid, why)
+            with self.state.transaction() as db:
+                db.executemany(
+                    "UPDATE deliveries SET state = ?, last_status = ?, updated_at = ? "
+                    "WHERE destination = ? AND sop_instance_uid = ?",
+                    [(FAILED, why, now, self.destination, uid) for uid, why in bad],
+                )
+        if not good:
+            tmp.unlink(missing_ok=True)
+            return None
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        with self.state.transaction() as db:
+            cur = db.execute(
+                "INSERT INTO bundles (destination, study_uid, path, length, raw_bytes, count, "
+                "sha256, created_at) VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    self.destination,
+                    study_uid,
+                    self.spool.relative(final),
+                    writer.length,
+                    stats.raw_bytes,
+                    stats.count,
+                    writer.sha.hexdigest(),
+                    time.time(),
+                ),
+            )
+            bundle_id = cur.lastrowid
+            db.executemany(
+                "UPDATE deliveries SET state = ?, bundle_id = ?, updated_at = ? "
+                "WHERE destination = ? AND sop_instance_uid = ?",
+                [(BUNDLED, bundle_id, time.time(), self.destination, u) for u in good],
+            )
+        logger.info(
+            "packed %d instances of %s: %d raw -> %d wire bytes",
+            stats.count,
+            study_uid,
+            stats.raw_bytes,
+            writer.length,
+        )
+        assert bundle_id is not None
+        return self._open_bundle(bundle_id)
+
+    def _open_bundle(self, bundle_id: int) -> Bundle:
+        rows = self.state.query(
+            "SELECT id, destination, study_uid, path, length, raw_bytes, count, sha256, "
+            "upload_url, offset, bytes_sent FROM bundles WHERE id = ?",
+            (bundle_id,),
+        )
+        return Bundle(*rows[0])
+
+    def _create(self, bundle: Bundle) -> tuple[str, int, str]:
+        meta = {"study_uid": bundle.study_uid, "bundle_sha256": bundle.sha256, "filetype": "tlb"}
+        resp = self._request(
+            "POST",
+            f"{self.base}/uploads",
+            headers={
+                **TUS,
+                "Upload-Length": str(bundle.length),
+                "Upload-Metadata": ",".join(
+                    f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in meta.items()
+                ),
+            },
+        )
+        if resp.status_code != 201:
+            raise TransportError(f"upload creation refused: HTTP {resp.status_code} {resp.text}")
+        location = resp.headers["Location"]
+        url = str(httpx.URL(self.base).join(location))
+        with self.state.transaction() as db:
+            db.execute("UPDATE bundles SET upload_url = ? WHERE id = ?", (url, bundle.id))
+        return url, int(resp.headers["Upload-Offset"]), resp.headers.get("Telerad-Upload-State", "")
+
+    def _head(self, url: str) -> tuple[int, str] | None:
+        resp = self._request("HEAD", url, headers=TUS)
+        if resp.status_code in (404, 410):
+            return None
+        if resp.status_code != 200:
+            raise TransportError(f"upload status refused: HTTP {resp.status_code}")
+        return int(resp.headers["Upload-Offset"]), resp.headers.get("Telerad-Upload-State", "")
+
+    def _upload(self, bundle: Bundle, preempt: Callable[[], bool]) -> bool:
+        """Upload (or resume) a bundle; True when the hub holds its instances."""
+        url = bundle.upload_url
+        status = None if url is None else self._head(url)
+        if url is None or status is None:
+            url, offset, upstate = self._create(bundle)
+        else:
+            offset, upstate = status
+        path = self.spool.absolute(bundle.path)
+        while upstate != "processed":
+            if upstate == "failed":
+                return self._discard(bundle, "hub marked the upload failed")
+            started = time.monotonic()
+            sent = 0
+
+            def body(start: int = offset) -> Iterator[bytes]:
+                nonlocal sent
+                with path.open("rb") as fh:
+                    fh.seek(start)
+                    while True:
+                        piece = fh.read(self.chunk_bytes)
+                        if not piece:
+                            return
+                        sent += len(piece)
+                        yield piece
+                        if preempt():
+                            return
+
+            try:
+                resp = self._request(
+                    "PATCH",
+                    url,
+                    headers={
+                        **TUS,
+                        "Upload-Offset": str(offset),
+                        "Content-Type": "application/offset+octet-stream",
+                    },
+                    content=body(),
+                )
+            finally:
+                self._record_sent(bundle, sent, time.monotonic() - started)
+            if resp.status_code == 460:
+                return self._discard(bundle, resp.text[:500])
+            if resp.status_code == 409:
+                head = self._head(url)
+                if head is None:
+                    raise TransportError("upload vanished at the hub; recreating")
+                offset, upstate = head
+                continue
+            if resp.status_code == 404:
+                with self.state.transaction() as db:
+                    db.execute("UPDATE bundles SET upload_url = NULL WHERE id = ?", (bundle.id,))
+                raise TransportError("upload unknown at the hub; recreating")
+            if resp.status_code != 204:
+                raise TransportError(f"PATCH refused: HTTP {resp.status_code} {resp.text[:200]}")
+            offset = int(resp.headers["Upload-Offset"])
+            upstate = resp.headers.get("Telerad-Upload-State", "")
+            with self.state.transaction() as db:
+                db.execute("UPDATE bundles SET offset = ? WHERE id = ?", (offset, bundle.id))
+            if upstate != "processed" and offset < bundle.length and preempt():
+                logger.info(
+                    "bundle %d of %s pre-empted at %d/%d",
+                    bundle.id,
+                    bundle.study_uid,
+                    offset,
+                    bundle.length,
+                )
+                return False
+        self._finish(bundle)
+        return True
+
+    def _record_sent(self, bundle: Bundle, sent: int, seconds: float) -> None:
+        rate = sent * 8 / seconds if seconds > 0.5 and sent > 64 * 1024 else None
+        with self.state.transaction() as db:
+            db.execute(
+                "UPDATE bundles SET bytes_sent = bytes_sent + ? WHERE id = ?", (sent, bundle.id)
+            )
+        self.state.set_link(self.destination, "up", "sending", sent=sent, rate_bps=rate, ok=True)
+
+    def _finish(self, bundle: Bundle) -> None:
+        now = time.time()
+        with self.state.transaction() as db:
+            db.execute(
+                "UPDATE deliveries SET state = ?, updated_at = ? WHERE bundle_id = ? "
+                "AND destination = ?",
+                (UPLOADED, now, bundle.id, self.destination),
+            )
+            db.execute("DELETE FROM bundles WHERE id = ?", (bundle.id,))
+        Path(self.spool.absolute(bundle.path)).unlink(missing_ok=True)
+        logger.info(
+            "bundle %d of %s held by the hub (%d instances)",
+            bundle.id,
+            bundle.study_uid,
+            bundle.count,
+        )
+
+    def _discard(self, bundle: Bundle, why: str) -> bool:
+        """The hub rejected the bundle's content: re-pack its instances from the spool."""
+        logger.error("bundle %d of %s rejected by the hub: %s", bundle.id, bundle.study_uid, why)
+        now = time.time()
+        with self.state.transaction() as db:
+            db.execute(
+                "UPDATE deliveries SET state = ?, bundle_id = NULL, attempts = attempts + 1, "
+                "last_status = ?, updated_at = ? WHERE bundle_id = ? AND destination = ?",
+                (PENDING, why[:200], now, bundle.id, self.destination),
+            )
+            db.execute(
+                "UPDATE deliveries SET state = ? WHERE destination = ? AND state = ? "
+                "AND attempts >= 5",
+                (FAILED, self.destination, PENDING),
+            )
+            db.execute("DELETE FROM bundles WHERE id = ?", (bundle.id,))
+        self.spool.absolute(bundle.path).unlink(missing_ok=True)
+        raise TransportError(f"bundle rejected by the hub: {why}")

@@ -1,0 +1,355 @@
+"""The gateway's embedded state database (SQLite, WAL, synchronous=FULL).
+
+Every fact the gateway acts on lives here, written in transactions: which instances are
+durable in the spool, which study they belong to and its priority, the delivery state of each
+instance for each destination, bundles being uploaded and the quarantine. Files on disk are
+only payload; a file without a row is an orphan from a crash and is cleaned up at start.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dicom_gateway import GatewayError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    sop_class_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    dataset_sha256 TEXT NOT NULL,
+    calling_aet TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    deleted_at REAL
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    priority INTEGER NOT NULL,
+    priority_manual INTEGER NOT NULL DEFAULT 0,
+    modality TEXT NOT NULL DEFAULT '',
+    body_part TEXT NOT NULL DEFAULT '',
+    calling_aet TEXT NOT NULL DEFAULT '',
+    accession_hash TEXT NOT NULL DEFAULT '',
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    instance_count INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    destination TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    state TEXT NOT NULL,
+    bundle_id INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_status TEXT NOT NULL DEFAULT '',
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (destination, sop_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS deliveries_study ON deliveries(destination, study_uid, state);
+CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(destination, state);
+CREATE TABLE IF NOT EXISTS bundles (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    destination TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    length INTEGER NOT NULL,
+    raw_bytes INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    upload_url TEXT,
+    offset INTEGER NOT NULL DEFAULT 0,
+    bytes_sent INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS commits (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    destination TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    instance_count INTEGER NOT NULL,
+    committed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    path TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    calling_aet TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL DEFAULT '',
+    study_uid TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS links (
+    destination TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    last_ok REAL,
+    last_attempt REAL,
+    next_attempt REAL,
+    bytes_sent INTEGER NOT NULL DEFAULT 0,
+    rate_bps REAL NOT NULL DEFAULT 0
+);
+"""
+
+#: Delivery states, per destination and instance, in the order they are reached.
+PENDING = "pending"  # durable in the spool, nothing sent yet
+BUNDLED = "bundled"  # packed into a bundle that is being uploaded
+UPLOADED = "uploaded"  # the destination holds it, study not yet committed
+COMMITTED = "committed"  # the destination committed it: the spool copy may go
+FAILED = "failed"  # the destination refused it for good (recorded, kept, not retried)
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    path: str
+    size: int
+    sha256: str
+    dataset_sha256: str
+    calling_aet: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """What the listener learned about a study from one instance's header."""
+
+    study_uid: str
+    modality: str
+    body_part: str
+    calling_aet: str
+    priority: int
+
+
+@dataclass(frozen=True)
+class Bundle:
+    id: int
+    destination: str
+    study_uid: str
+    path: str
+    length: int
+    raw_bytes: int
+    count: int
+    sha256: str
+    upload_url: str | None
+    offset: int
+    bytes_sent: int
+
+
+class StateDB:
+    """Thread-safe access to the gateway state; one connection guarded by a lock.
+
+    pynetdicom runs one thread per association and the forwarders run their own; SQLite
+    serialises writers anyway, so a single connection with a lock is simplest and avoids
+    ``database is locked`` retries.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(
+            str(path), check_same_thread=False, isolation_level=None, timeout=30.0
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk before the C-STORE is answered.
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            else:
+                self._conn.execute("COMMIT")
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self._conn.execute(sql, params))
+
+    def scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        rows = self.query(sql, params)
+        return rows[0][0] if rows else None
+
+    # -- instances -------------------------------------------------------------------------
+
+    def get_instance(self, sop_instance_uid: str) -> InstanceRecord | None:
+        rows = self.query(
+            "SELECT sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax, "
+            "path, size, sha256, dataset_sha256, calling_aet, received_at "
+            "FROM instances WHERE sop_instance_uid = ?",
+            (sop_instance_uid,),
+        )
+        return InstanceRecord(*rows[0]) if rows else None
+
+    def known_paths(self) -> set[str]:
+        return {r[0] for r in self.query("SELECT path FROM instances WHERE deleted_at IS NULL")}
+
+    def record_instance(
+        self, rec: InstanceRecord, study: StudyInfo, destinations: Sequence[str]
+    ) -> bool:
+        """Record a durable instance, its study and one pending delivery per destination.
+
+        Returns False when the instance was already recorded (an idempotent re-send or the
+        start-up re-index of a file whose C-STORE was never answered).
+        """
+        now = rec.received_at
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_uid, "
+                "series_uid, transfer_syntax, path, size, sha256, dataset_sha256, calling_aet, "
+                "received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    rec.sop_instance_uid,
+                    rec.sop_class_uid,
+                    rec.study_uid,
+                    rec.series_uid,
+                    rec.transfer_syntax,
+                    rec.path,
+                    rec.size,
+                    rec.sha256,
+                    rec.dataset_sha256,
+                    rec.calling_aet,
+                    now,
+                ),
+            )
+            if cur.rowcount == 0:
+                return False
+            db.execute(
+                "INSERT INTO studies (study_uid, priority, modality, body_part, calling_aet, "
+                "first_received, last_received, instance_count, bytes) "
+                "VALUES (?,?,?,?,?,?,?,1,?) "
+                "ON CONFLICT(study_uid) DO UPDATE SET "
+                "last_received = max(last_received, excluded.last_received), "
+                "instance_count = instance_count + 1, bytes = bytes + excluded.bytes, "
+                "priority = CASE WHEN priority_manual = 1 THEN priority "
+                "ELSE min(priority, excluded.priority) END, "
+                "modality = CASE WHEN modality = '' THEN excluded.modality ELSE modality END, "
+                "body_part = CASE WHEN body_part = '' THEN excluded.body_part "
+                "ELSE body_part END",
+                (
+                    study.study_uid,
+                    study.priority,
+                    study.modality,
+                    study.body_part,
+                    study.calling_aet,
+                    now,
+                    now,
+                    rec.size,
+                ),
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO deliveries (destination, sop_instance_uid, study_uid, "
+                "state, updated_at) VALUES (?,?,?,?,?)",
+                [(d, rec.sop_instance_uid, rec.study_uid, PENDING, now) for d in destinations],
+            )
+            return True
+
+    def ensure_deliveries(self, destinations: Sequence[str]) -> int:
+        """Give every instance a delivery row for destinations added after it arrived."""
+        added = 0
+        with self.transaction() as db:
+            for dest in destinations:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO deliveries (destination, sop_instance_uid, study_uid, "
+                    "state, updated_at) SELECT ?, sop_instance_uid, study_uid, ?, ? "
+                    "FROM instances WHERE deleted_at IS NULL",
+                    (dest, PENDING, time.time()),
+                )
+                added += cur.rowcount
+        return added
+
+    # -- studies ---------------------------------------------------------------------------
+
+    def set_priority(self, study_uid: str, priority: int) -> None:
+        with self.transaction() as db:
+            cur = db.execute(
+                "UPDATE studies SET priority = ?, priority_manual = 1 WHERE study_uid = ?",
+                (priority, study_uid),
+            )
+            if cur.rowcount != 1:
+                raise GatewayError(f"no study {study_uid} in this gateway")
+
+    # -- quarantine ------------------------------------------------------------------------
+
+    def record_quarantine(
+        self,
+        *,
+        path: str,
+        reason: str,
+        status: int,
+        calling_aet: str,
+        sop_instance_uid: str = "",
+        study_uid: str = "",
+    ) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO quarantine (path, reason, status, calling_aet, sop_instance_uid, "
+                "study_uid, created_at) VALUES (?,?,?,?,?,?,?)",
+                (path, reason, status, calling_aet, sop_instance_uid, study_uid, time.time()),
+            )
+
+    # -- links -----------------------------------------------------------------------------
+
+    def set_link(
+        self,
+        destination: str,
+        state: str,
+        detail: str = "",
+        *,
+        ok: bool = False,
+        next_attempt: float | None = None,
+        sent: int = 0,
+        rate_bps: float | None = None,
+    ) -> None:
+        now = time.time()
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO links (destination, state, detail, last_ok, last_attempt, "
+                "next_attempt, bytes_sent, rate_bps) VALUES (?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(destination) DO UPDATE SET state = excluded.state, "
+                "detail = excluded.detail, last_ok = coalesce(excluded.last_ok, last_ok), "
+                "last_attempt = excluded.last_attempt, next_attempt = excluded.next_attempt, "
+                "bytes_sent = bytes_sent + excluded.bytes_sent, "
+                "rate_bps = CASE WHEN excluded.rate_bps > 0 THEN excluded.rate_bps "
+                "ELSE rate_bps END",
+                (
+                    destination,
+                    state,
+                    detail[:500],
+                    now if ok else None,
+                    now,
+                    next_attempt,
+                    sent,
+                    rate_bps or 0.0,
+                ),
+            )

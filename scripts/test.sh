@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Quick start, command 2: install what the tests need (Debian packages when root and missing,
+# the test extras in .venv), then run ruff, mypy and the whole pytest suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+APT_PACKAGES=(dcmtk orthanc orthanc-dicomweb postgresql python3-venv)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The packaged Orthanc service is not ours: tests start their own instances.
+    if command -v systemctl >/dev/null 2>&1; then systemctl disable --now orthanc >/dev/null 2>&1 || true; fi
+    service orthanc stop >/dev/null 2>&1 || true
+  else
+    echo "not root: tests needing ${missing[*]} will be skipped" >&2
+  fi
+fi
+source scripts/_venv.sh
+ensure_venv
+"$VENV/bin/pip" install -q -e '.[test]'
+echo "== ruff"; "$VENV/bin/ruff" check .
+echo "== mypy"; "$VENV/bin/mypy"
+echo "== pytest"
+set +e
+"$VENV/bin/pytest" "$@"
+rc=$?
+set -e
+if [ "$rc" = 5 ]; then echo "pytest collected no tests"; exit 1; fi
+exit "$rc"

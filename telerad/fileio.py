@@ -1,0 +1,62 @@
+"""Crash-safe file writes shared by the gateway spool and the hub archive.
+
+A file is written to a temporary name in the same file system, fsynced, renamed into place
+and its directory fsynced: after a crash it exists whole under its final name or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+from pathlib import Path
+
+_SAFE_UID = re.compile(r"[0-9][0-9.]{0,63}")
+
+
+def safe_name(uid: str) -> str:
+    """A file-system-safe name for a UID; conformant UIDs are used as they are (readable)."""
+    if _SAFE_UID.fullmatch(uid) and ".." not in uid:
+        return uid
+    return "x" + hashlib.sha256(uid.encode("utf-8", "replace")).hexdigest()[:40]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_dir(path: Path) -> None:
+    """Create a directory durably: a new directory entry must survive a crash too."""
+    if path.is_dir():
+        return
+    ensure_dir(path.parent)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        return
+    fsync_dir(path.parent)
+
+
+def write_atomic(dst: Path, data: bytes | memoryview, tmp_dir: Path) -> None:
+    """Write ``data`` so that ``dst`` holds all of it or nothing, durably."""
+    ensure_dir(dst.parent)
+    tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, dst)
+    fsync_dir(dst.parent)

@@ -1,0 +1,1 @@
+"""Hub HTTP surface: ingest (upload protocol), health and metrics; radiologist API later."""

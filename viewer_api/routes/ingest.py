@@ -1,0 +1,239 @@
+"""Station upload protocol: manifest, tus 1.0.0 resumable bundle uploads, commit.
+
+tus core + creation + termination (https://tus.io/protocols/resumable-upload). One upload
+carries one bundle (many instances, losslessly compressed for the wire). Extension headers:
+``Telerad-Upload-State`` on HEAD/PATCH tells whether the hub has unpacked the bundle.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+
+from fastapi import APIRouter, HTTPException, Request, Response, status
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from reading_queue.archive import ArchiveError
+from reading_queue.ingest import (
+    BundleRejected,
+    ManifestEntry,
+    OffsetMismatch,
+    StudyMeta,
+    UnknownUpload,
+    UploadBusy,
+)
+from viewer_api.deps import IngestDep, StationDep
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/api/v1/ingest", tags=["ingest"])
+
+TUS_VERSION = "1.0.0"
+MAX_BUNDLE = 4 * 1024**3
+_WRITE_BLOCK = 1 << 20
+
+
+class InstanceIn(BaseModel):
+    sop_instance_uid: str = Field(max_length=64)
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class StudyHeader(BaseModel):
+    priority: int = Field(default=2, ge=0, le=2)
+    modality: str = ""
+    body_part: str = ""
+
+
+class ManifestIn(StudyHeader):
+    instances: list[InstanceIn]
+
+
+class ManifestOut(BaseModel):
+    missing: list[str]
+
+
+class CommitIn(StudyHeader):
+    sop_instance_uids: list[str]
+
+
+class CommitOut(BaseModel):
+    committed: bool
+    instance_count: int
+    missing: list[str]
+
+
+def _tus_headers(**extra: str) -> dict[str, str]:
+    return {"Tus-Resumable": TUS_VERSION, "Cache-Control": "no-store", **extra}
+
+
+def _check_tus(request: Request) -> None:
+    if request.headers.get("tus-resumable") != TUS_VERSION:
+        raise HTTPException(
+            status.HTTP_412_PRECONDITION_FAILED,
+            f"Tus-Resumable: {TUS_VERSION} required",
+            headers={"Tus-Version": TUS_VERSION},
+        )
+
+
+def _metadata(header: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in filter(None, (p.strip() for p in header.split(","))):
+        key, _, value = pair.partition(" ")
+        try:
+            out[key] = base64.b64decode(value).decode() if value else ""
+        except ValueError:
+            raise HTTPException(400, f"Upload-Metadata {key!r} is not base64") from None
+    return out
+
+
+@router.post("/studies/{study_uid}/manifest", response_model=ManifestOut)
+def announce(
+    study_uid: str, body: ManifestIn, station: StationDep, ingest: IngestDep
+) -> ManifestOut:
+    missing = ingest.announce(
+        station,
+        study_uid,
+        StudyMeta(body.priority, body.modality, body.body_part),
+        [ManifestEntry(i.sop_instance_uid, i.size, i.sha256) for i in body.instances],
+    )
+    return ManifestOut(missing=missing)
+
+
+@router.post("/studies/{study_uid}/commit", response_model=CommitOut)
+def commit(study_uid: str, body: CommitIn, station: StationDep, ingest: IngestDep) -> CommitOut:
+    res = ingest.commit(
+        station,
+        study_uid,
+        body.sop_instance_uids,
+        StudyMeta(body.priority, body.modality, body.body_part),
+    )
+    return CommitOut(
+        committed=res.committed, instance_count=res.instance_count, missing=res.missing
+    )
+
+
+@router.options("/uploads")
+def tus_options() -> Response:
+    return Response(
+        status_code=204,
+        headers=_tus_headers(
+            **{
+                "Tus-Version": TUS_VERSION,
+                "Tus-Extension": "creation",
+                "Tus-Max-Size": str(MAX_BUNDLE),
+            }
+        ),
+    )
+
+
+@router.post("/uploads", status_code=201)
+def create_upload(request: Request, station: StationDep, ingest: IngestDep) -> Response:
+    _check_tus(request)
+    try:
+        length = int(request.headers["upload-length"])
+    except (KeyError, ValueError):
+        raise HTTPException(400, "Upload-Length header required") from None
+    if not 0 < length <= MAX_BUNDLE:
+        raise HTTPException(413, f"Upload-Length must be 1..{MAX_BUNDLE}")
+    meta = _metadata(request.headers.get("upload-metadata", ""))
+    study_uid, bundle_sha = meta.get("study_uid", ""), meta.get("bundle_sha256", "")
+    if not study_uid or len(bundle_sha) != 64:
+        raise HTTPException(400, "Upload-Metadata needs study_uid and bundle_sha256")
+    upload = ingest.create_upload(station, study_uid, bundle_sha, length)
+    if upload.length != length:
+        raise HTTPException(409, "a bundle with this sha256 exists with another length")
+    return Response(
+        status_code=201,
+        headers=_tus_headers(
+            Location=f"{request.url.path}/{upload.id}",
+            **{"Upload-Offset": str(upload.offset), "Telerad-Upload-State": upload.state},
+        ),
+    )
+
+
+@router.head("/uploads/{upload_id}")
+def head_upload(
+    upload_id: str, request: Request, station: StationDep, ingest: IngestDep
+) -> Response:
+    _check_tus(request)
+    try:
+        upload = ingest.get_upload(station, upload_id)
+    except UnknownUpload:
+        raise HTTPException(404, "no such upload") from None
+    return Response(
+        status_code=200,
+        headers=_tus_headers(
+            **{
+                "Upload-Offset": str(upload.offset),
+                "Upload-Length": str(upload.length),
+                "Telerad-Upload-State": upload.state,
+            }
+        ),
+    )
+
+
+@router.patch("/uploads/{upload_id}")
+async def patch_upload(
+    upload_id: str, request: Request, station: StationDep, ingest: IngestDep
+) -> Response:
+    _check_tus(request)
+    if request.headers.get("content-type") != "application/offset+octet-stream":
+        raise HTTPException(415, "Content-Type must be application/offset+octet-stream")
+    try:
+        offset = int(request.headers["upload-offset"])
+    except (KeyError, ValueError):
+        raise HTTPException(400, "Upload-Offset header required") from None
+    try:
+        fd, upload = await run_in_threadpool(ingest.begin_append, station, upload_id, offset)
+    except UnknownUpload:
+        raise HTTPException(404, "no such upload") from None
+    except OffsetMismatch as exc:
+        raise HTTPException(409, str(exc), headers=_tus_headers()) from None
+    except UploadBusy:
+        raise HTTPException(423, "upload busy; retry", headers=_tus_headers()) from None
+    room = upload.length - upload.offset
+    written = 0
+    too_long = False
+    buf = bytearray()
+    try:
+        try:
+            async for piece in request.stream():
+                if written + len(buf) + len(piece) > room:
+                    too_long = True
+                    break
+                buf += piece
+                if len(buf) >= _WRITE_BLOCK:
+                    os.write(fd, buf)
+                    written += len(buf)
+                    buf.clear()
+        except ClientDisconnect:
+            # Keep what arrived: the gateway resumes from here after HEAD.
+            logger.info("upload %s from %s interrupted; keeping received bytes", upload_id, station)
+        if buf:
+            os.write(fd, buf)
+            written += len(buf)
+    finally:
+        new_offset = await run_in_threadpool(ingest.end_append, upload_id, fd, written)
+    if too_long:
+        raise HTTPException(413, "body runs past Upload-Length", headers=_tus_headers())
+    state = upload.state
+    if new_offset == upload.length:
+        try:
+            done = await run_in_threadpool(ingest.process_if_complete, station, upload_id)
+            state = done.state
+        except BundleRejected as exc:
+            raise HTTPException(460, f"bundle rejected: {exc}", headers=_tus_headers()) from None
+        except ArchiveError as exc:
+            # Bytes are kept; the gateway retries and an empty PATCH re-runs the unpacking.
+            logger.error("upload %s: archive unavailable: %s", upload_id, exc)
+            raise HTTPException(
+                503, f"archive unavailable: {exc}", headers=_tus_headers()
+            ) from None
+    return Response(
+        status_code=204,
+        headers=_tus_headers(**{"Upload-Offset": str(new_offset), "Telerad-Upload-State": state}),
+    )
