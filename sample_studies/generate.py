@@ -156,6 +156,12 @@ def _accession(site: SampleSite, study_uid: str) -> str:
     return f"{site.accession_prefix}{digest % 10**10:010d}"
 
 
+def _check_seed(seed: int) -> None:
+    # numpy seeds from non-negative integers only; fail in our terms, before writing anything.
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+
+
 def _check_priority(priority: str | None) -> str | None:
     if priority is None:
         return None
@@ -407,7 +413,7 @@ class _Anatomy:
                     radius * np.array([math.sin(x) for x in angle]),
                     rng.normal(0.0, 0.6, n),
                     rng.normal(0.0, 0.6, n),
-                    # larger vessels towards the hilum (medial, u < 0 after mirroring)
+                    # larger vessels near the envelope centre, towards the hilum
                     rng.uniform(0.8, 2.2, n) + 1.5 * (radius < 0.35),
                     start,
                     start + rng.uniform(0.05, 0.4, n),
@@ -633,6 +639,7 @@ def make_ct_series(
         raise ValueError(f"n_slices must be at least 1, got {n_slices}")
     if matrix < 16:
         raise ValueError(f"matrix must be at least 16 pixels, got {matrix}")
+    _check_seed(seed)
     term = _check_priority(priority)
     if study_uid is None:
         study_uid = sample_uid("ct-study", seed, n_slices, matrix)
@@ -865,6 +872,7 @@ def make_cr(
     """
     if rows < 16 or columns < 16:
         raise ValueError(f"CR image must be at least 16x16 pixels, got {rows}x{columns}")
+    _check_seed(seed)
     term = _check_priority(priority)
     if study_uid is None:
         study_uid = sample_uid("cr-study", seed, rows, columns)
