@@ -86,8 +86,10 @@ _PREFERRED = [
     JPEGLosslessSV1,
     JPEGLosslessP14,
     RLELossless,
-    DeflatedExplicitVRLittleEndian,
+    # Explicit before Deflated: an SCU offering both for an uncompressed image made it in
+    # Explicit VR; deflating would cost the modality CPU and hide pixels from our JPEG-LS.
     ExplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     ExplicitVRBigEndian,
 ]
@@ -215,7 +217,10 @@ class Listener:
         if not caller_allowed(self.settings.allowed_callers, calling, host):
             logger.warning("rejected association from %s@%s: not allowed", calling, host)
             ASSOCIATIONS.labels("rejected").inc()
+            # As pynetdicom's own require_calling_aet path does: reject, then stop the DUL
+            # (it flushes the A-ASSOCIATE-RJ before the socket is closed).
             assoc.acse.send_reject(0x01, 0x01, 0x03)
+            assoc.kill()
 
     def handle_echo(self, event: evt.Event) -> int:
         return SUCCESS

@@ -1,0 +1,235 @@
+"""Bad input at the DICOM listener: clear statuses, quarantine, and nobody else disturbed."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+from dicom_gateway.scp import CANNOT_UNDERSTAND, CONFLICT, MISSING_UIDS, OUT_OF_RESOURCES
+from tests.support.peers import dcmtk_available, echoscu
+from tests.support.telerad_procs import InProcessGateway
+
+
+def _ct() -> Dataset:
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[InProcessGateway]:
+    with InProcessGateway(tmp_path / "gw", allowed_callers=["MODALITY", "CT01@127.0.0.1"]) as gw:
+        yield gw
+
+
+def _associate(gw: InProcessGateway, calling: str = "MODALITY") -> object:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", gw.port, ae_title=gw.aet)
+
+
+def test_unknown_calling_aet_rejected(gateway: InProcessGateway) -> None:
+    assoc = _associate(gateway, "STRANGER")
+    assert assoc.is_rejected  # type: ignore[attr-defined]
+    ok = _associate(gateway, "MODALITY")
+    assert ok.is_established  # type: ignore[attr-defined]
+    ok.release()  # type: ignore[attr-defined]
+    by_host = _associate(gateway, "CT01")  # allowed from 127.0.0.1 only, and we are there
+    assert by_host.is_established  # type: ignore[attr-defined]
+    by_host.release()  # type: ignore[attr-defined]
+
+
+def test_host_restricted_caller_from_elsewhere_rejected(tmp_path: Path) -> None:
+    with InProcessGateway(tmp_path / "gw", allowed_callers=["CT01@10.1.2.3"]) as gw:
+        assert _associate(gw, "CT01").is_rejected  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not dcmtk_available(), reason="DCMTK not installed")
+def test_echo_with_dcmtk(gateway: InProcessGateway) -> None:
+    res = echoscu("127.0.0.1", gateway.port, gateway.aet, "MODALITY")
+    assert res.returncode == 0, res.stderr
+
+
+def test_malformed_pdus_do_not_disturb_other_associations(gateway: InProcessGateway) -> None:
+    assoc = _associate(gateway)
+    assert assoc.is_established  # type: ignore[attr-defined]
+    # Garbage, a truncated A-ASSOCIATE-RQ and an absurd PDU length on raw sockets.
+    payloads = [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"\x01\x00\x00\x00\x00\xff\x00\x01",
+        b"\x04\x00\x7f\xff\xff\xff" + b"\x00" * 64,
+        bytes(range(256)) * 8,
+    ]
+    for payload in payloads:
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            try:
+                sock.recv(1024)
+            except OSError:
+                pass
+    ds = _ct()
+    status = assoc.send_c_store(ds)  # type: ignore[attr-defined]
+    assert status.Status == 0x0000
+    assert assoc.send_c_echo().Status == 0x0000  # type: ignore[attr-defined]
+    assoc.release()  # type: ignore[attr-defined]
+    fresh = _associate(gateway)
+    assert fresh.is_established  # type: ignore[attr-defined]
+    fresh.release()  # type: ignore[attr-defined]
+    assert gateway.state.get_instance(str(ds.SOPInstanceUID)) is not None
+
+
+def _send_raw_file(gw: InProcessGateway, path: Path) -> int:
+    """Send a file's dataset bytes as they are (no pydicom re-encoding on our side)."""
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = _associate(gw)
+        try:
+            rsp = assoc.send_c_store(path)  # type: ignore[attr-defined]
+            return int(rsp.Status)
+        finally:
+            assoc.release()  # type: ignore[attr-defined]
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+
+
+def _file_with_body(tmp: Path, ds: Dataset, body: bytes) -> Path:
+    """A Part-10 file whose file meta is valid but whose dataset is ``body``."""
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    raw = buf.getvalue()
+    meta_len = int(
+        dcmread(BytesIO(raw), stop_before_pixels=True).file_meta.FileMetaInformationGroupLength
+    )
+    path = tmp / f"{generate_uid()}.dcm"
+    path.write_bytes(raw[: 128 + 4 + 12 + meta_len] + body)
+    return path
+
+
+def test_unparseable_dataset_is_quarantined(gateway: InProcessGateway, tmp_path: Path) -> None:
+    ds = _ct()
+    # A sequence of undefined length whose only item is cut short: no parser can read it.
+    garbage = (
+        b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100"
+        + b"\x08\x00\x16\x00SQ\x00\x00\xff\xff\xff\xff"
+        + b"\xfe\xff\x00\xe0\x10\x00\x00\x00"
+        + b"\x00" * 8
+    )
+    status = _send_raw_file(gateway, _file_with_body(tmp_path, ds, garbage))
+    assert status == CANNOT_UNDERSTAND
+    rows = gateway.state.query("SELECT status, reason, path FROM quarantine")
+    assert [r[0] for r in rows] == [CANNOT_UNDERSTAND]
+    assert (gateway.settings.data_dir / rows[0][2]).read_bytes().endswith(garbage)
+    # The association and the listener still work.
+    assoc = _associate(gateway)
+    assert assoc.send_c_store(_ct()).Status == 0  # type: ignore[attr-defined]
+    assoc.release()  # type: ignore[attr-defined]
+
+
+def test_missing_uids_are_quarantined(gateway: InProcessGateway) -> None:
+    ds = _ct()
+    del ds.StudyInstanceUID
+    assoc = _associate(gateway)
+    assert assoc.send_c_store(ds).Status == MISSING_UIDS  # type: ignore[attr-defined]
+    assoc.release()  # type: ignore[attr-defined]
+    reasons = [r[0] for r in gateway.state.query("SELECT reason FROM quarantine")]
+    assert reasons == ["missing UID"]
+    assert gateway.state.get_instance(str(ds.SOPInstanceUID)) is None
+
+
+def test_identical_resend_is_idempotent_and_conflict_is_quarantined(
+    gateway: InProcessGateway,
+) -> None:
+    ds = _ct()
+    assoc = _associate(gateway)
+    assert assoc.send_c_store(ds).Status == 0  # type: ignore[attr-defined]
+    assert assoc.send_c_store(ds).Status == 0  # type: ignore[attr-defined]
+    assert gateway.state.scalar("SELECT count(*) FROM instances") == 1
+    assert gateway.state.scalar("SELECT instance_count FROM studies") == 1
+    first = gateway.state.get_instance(str(ds.SOPInstanceUID))
+    assert first is not None
+    original_bytes = (gateway.settings.data_dir / first.path).read_bytes()
+    changed = _ct()
+    changed.SOPInstanceUID = ds.SOPInstanceUID
+    changed.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    changed.StudyDescription = "edited after the first send"
+    assert assoc.send_c_store(changed).Status == CONFLICT  # type: ignore[attr-defined]
+    assoc.release()  # type: ignore[attr-defined]
+    # Never silently overwritten: the spooled file is the first one, the new one is kept aside.
+    assert (gateway.settings.data_dir / first.path).read_bytes() == original_bytes
+    rows = gateway.state.query("SELECT status, sop_instance_uid, path FROM quarantine")
+    assert [(r[0], r[1]) for r in rows] == [(CONFLICT, str(ds.SOPInstanceUID))]
+    kept = dcmread(gateway.settings.data_dir / rows[0][2])
+    assert kept.StudyDescription == "edited after the first send"
+
+
+def test_disk_reserve_gives_out_of_resources(tmp_path: Path) -> None:
+    with InProcessGateway(tmp_path / "gw", disk_reserve_mb=10**9) as gw:
+        assoc = _associate(gw)
+        ds = _ct()
+        assert assoc.send_c_store(ds).Status == OUT_OF_RESOURCES  # type: ignore[attr-defined]
+        assoc.release()  # type: ignore[attr-defined]
+        assert gw.state.get_instance(str(ds.SOPInstanceUID)) is None
+        assert not list((gw.settings.data_dir / "spool").rglob("*.dcm"))
+
+
+def test_status_cli_lists_quarantine(gateway: InProcessGateway) -> None:
+    ds = _ct()
+    del ds.SeriesInstanceUID
+    assoc = _associate(gateway)
+    assert assoc.send_c_store(ds).Status == MISSING_UIDS  # type: ignore[attr-defined]
+    assert assoc.send_c_store(_ct()).Status == 0  # type: ignore[attr-defined]
+    assoc.release()  # type: ignore[attr-defined]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "telerad.cli",
+            "gateway",
+            "status",
+            "--json",
+            "--data-dir",
+            str(gateway.settings.data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    status = json.loads(out.stdout)
+    assert status["quarantined"] == 1
+    assert status["quarantine"][0]["status"] == MISSING_UIDS
+    assert status["quarantine"][0]["sop_instance_uid"] == str(ds.SOPInstanceUID)
+    assert len(status["studies"]) == 1 and status["studies"][0]["instances"] == 1
+    human = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "telerad.cli",
+            "gateway",
+            "status",
+            "--data-dir",
+            str(gateway.settings.data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert "Quarantine" in human.stdout and "missing UID" in human.stdout
