@@ -52,7 +52,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_gateway.priority import evaluate as evaluate_priority
-from dicom_gateway.spool import Spool
+from dicom_gateway.spool import Spool, dataset_sha256
 from dicom_gateway.state import InstanceRecord, StateDB, StudyInfo
 from telerad.config import ListenerSettings
 
@@ -290,9 +290,11 @@ class Listener:
                 sop_uid,
                 study_uid,
             )
-        if dataset_bytes is None:
-            dataset_bytes = data  # callers without a split keep whole-file identity
-        dataset_sha = hashlib.sha256(dataset_bytes).hexdigest()
+        dataset_sha = (
+            dataset_sha256(data)
+            if dataset_bytes is None
+            else hashlib.sha256(dataset_bytes).hexdigest()
+        )
         with self._locks[hash(sop_uid) % _LOCK_STRIPES]:
             existing = self.state.get_instance(sop_uid)
             if existing is not None:

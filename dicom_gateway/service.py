@@ -25,7 +25,7 @@ from dicom_gateway.forward.hub import HubTransport
 from dicom_gateway.forward.worker import ForwardWorker, Transport
 from dicom_gateway.priority import evaluate as evaluate_priority
 from dicom_gateway.scp import Listener
-from dicom_gateway.spool import Spool
+from dicom_gateway.spool import Spool, dataset_sha256
 from dicom_gateway.state import (
     BUNDLED,
     COMMITTED,
@@ -62,7 +62,7 @@ def recover(spool: Spool, state: StateDB, settings: ListenerSettings) -> dict[st
                 path=rel,
                 size=len(data),
                 sha256=hashlib.sha256(data).hexdigest(),
-                dataset_sha256=_dataset_sha(data),
+                dataset_sha256=dataset_sha256(data),
                 calling_aet="(recovered)",
                 received_at=path.stat().st_mtime,
             )
@@ -98,16 +98,6 @@ def recover(spool: Spool, state: StateDB, settings: ListenerSettings) -> dict[st
     if any(report.values()):
         logger.warning("recovery: %s", report)
     return report
-
-
-def _dataset_sha(data: bytes) -> str:
-    """sha256 of the dataset after the file meta, as the listener computes it."""
-    import struct
-
-    # preamble(128) + DICM + (0002,0000) UL group length element: tag 4, VR 2, len 2, value 4
-    group_len = struct.unpack_from("<I", data, 128 + 4 + 8)[0]
-    start = 128 + 4 + 12 + group_len
-    return hashlib.sha256(data[start:]).hexdigest()
 
 
 def _destinations_of(state: StateDB) -> list[str]:

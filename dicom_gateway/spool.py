@@ -8,9 +8,11 @@ means; ``recover()`` re-indexes files whose C-STORE was never answered.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import shutil
+import struct
 import time
 import uuid
 from pathlib import Path
@@ -18,6 +20,19 @@ from pathlib import Path
 from telerad.fileio import ensure_dir, safe_name, write_atomic
 
 logger = logging.getLogger(__name__)
+
+
+def dataset_sha256(data: bytes) -> str:
+    """sha256 of a Part-10 file's dataset, after the file meta.
+
+    Identity of an instance's *content*: the file meta differs with the receiver (pynetdicom
+    writes its own implementation UID), the dataset is what the modality sent. Our spool
+    files always start with the (0002,0000) group length element, as pydicom writes it.
+    """
+    if data[128:132] != b"DICM" or data[132:136] != b"\x02\x00\x00\x00":
+        return hashlib.sha256(data).hexdigest()
+    group_len = struct.unpack_from("<I", data, 128 + 4 + 8)[0]
+    return hashlib.sha256(memoryview(data)[128 + 4 + 12 + group_len :]).hexdigest()
 
 
 class Spool:

@@ -1,0 +1,239 @@
+"""Gateway core without sockets: priority rules, settings, scheduling, retention, recovery."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from dicom_gateway.forward.worker import ForwardWorker, StudyWork
+from dicom_gateway.priority import evaluate
+from dicom_gateway.scp import SUCCESS, Listener
+from dicom_gateway.service import Janitor, gateway_status, recover
+from dicom_gateway.spool import Spool
+from dicom_gateway.state import COMMITTED, PENDING, StateDB
+from telerad.config import GatewaySettings, Priority, PriorityRule, default_priority_rules
+
+
+def _ct(study_uid: str | None = None, **tags: str) -> bytes:
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if study_uid:
+        ds.StudyInstanceUID = study_uid
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+Env = tuple[GatewaySettings, Spool, StateDB, Listener]
+
+
+class _Recorder:
+    destination = "hub"
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.committed: list[str] = []
+
+    def send(self, study: StudyWork, preempt: object) -> bool:
+        self.sent.append(study.study_uid)
+        return True
+
+    def commit(self, study: StudyWork) -> None:
+        self.committed.append(study.study_uid)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    settings = GatewaySettings(data_dir=tmp_path, disk_reserve_mb=1, quiet_period_s=60)
+    spool = Spool(tmp_path)
+    state = StateDB(tmp_path / "gateway.sqlite3")
+    return settings, spool, state, Listener(settings, spool, state, ["hub"])
+
+
+# -- priority rules ---------------------------------------------------------------------------
+
+
+def test_priority_rules_most_urgent_match_wins() -> None:
+    ds = Dataset()
+    ds.Modality = "CT"
+    ds.StudyDescription = "CT head TRAUMA protocol"
+    ds.RequestedProcedurePriority = "MEDIUM"
+    rules = default_priority_rules()
+    assert evaluate(rules, ds, "CT01") == Priority.STAT  # *TRAUMA* beats MEDIUM (urgent)
+    ds.StudyDescription = "CT abdomen"
+    assert evaluate(rules, ds, "CT01") == Priority.URGENT
+    del ds.RequestedProcedurePriority
+    assert evaluate(rules, ds, "CT01") == Priority.ROUTINE
+
+
+def test_priority_rule_needs_every_key_and_knows_calling_aet() -> None:
+    rules = [PriorityRule(match={"calling_aet": "ER_*", "Modality": ["CT", "MR"]}, priority="stat")]
+    ds = Dataset()
+    ds.Modality = "CT"
+    assert evaluate(rules, ds, "ER_CT1") == Priority.STAT
+    assert evaluate(rules, ds, "WARD_CR") == Priority.ROUTINE
+    ds.Modality = "CR"
+    assert evaluate(rules, ds, "ER_CT1") == Priority.ROUTINE
+
+
+def test_manual_priority_sticks_against_later_instances(env: Env) -> None:
+    _, _, state, listener = env
+    study = generate_uid()
+    assert listener.store(_ct(study), calling_aet="CT01").status == SUCCESS
+    state.set_priority(study, int(Priority.STAT))
+    assert listener.store(_ct(study), calling_aet="CT01").status == SUCCESS
+    assert state.scalar("SELECT priority FROM studies") == Priority.STAT
+    state.set_priority(study, int(Priority.ROUTINE))
+    listener.store(_ct(study, RequestedProcedurePriority="STAT"), calling_aet="CT01")
+    assert state.scalar("SELECT priority FROM studies") == Priority.ROUTINE
+
+
+# -- settings -----------------------------------------------------------------------------------
+
+
+def test_settings_precedence_flag_env_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "telerad.toml"
+    cfg.write_text(
+        '[gateway]\naet = "FROM_TOML"\ndicom_port = 1111\nquiet_period_s = 30\n'
+        'allowed_callers = ["CT01@10.0.0.5"]\n'
+        '[[gateway.destinations]]\nname = "pacs"\naet = "PACS"\nhost = "10.0.0.9"\nport = 104\n'
+        "[hub]\nhttp_port = 9000\n"
+    )
+    monkeypatch.setenv("TELERAD_CONFIG", str(cfg))
+    monkeypatch.setenv("TELERAD_DICOM_PORT", "2222")
+    s = GatewaySettings(quiet_period_s=5)
+    assert s.aet == "FROM_TOML"  # file
+    assert s.dicom_port == 2222  # env beats file
+    assert s.quiet_period_s == 5  # flag beats both
+    assert s.allowed_callers == ["CT01@10.0.0.5"]
+    assert s.destinations[0].aet == "PACS"
+    with pytest.raises(ValueError, match="AE titles"):
+        GatewaySettings(aet="A_TITLE_LONGER_THAN_16")
+
+
+# -- scheduling -----------------------------------------------------------------------------------
+
+
+def test_forward_order_is_priority_then_age_and_waits_for_quiet(env: Env) -> None:
+    _, _, state, listener = env
+    routine_old, routine_new, stat = generate_uid(), generate_uid(), generate_uid()
+    for study in (routine_old, routine_new, stat):
+        listener.store(_ct(study), calling_aet="CT01")
+        time.sleep(0.01)
+    state.set_priority(stat, int(Priority.STAT))
+    recorder = _Recorder()
+    worker = ForwardWorker(recorder, state, quiet_period_s=60)
+    assert [w.study_uid for w in worker.candidates()] == [stat, routine_old, routine_new]
+    assert worker.more_urgent_waiting(int(Priority.ROUTINE))
+    assert not worker.more_urgent_waiting(int(Priority.STAT))
+    work, _ = worker.next_work(time.time())
+    assert work is not None and work.study_uid == stat
+    # Everything uploaded but the study still receiving: no commit before the quiet period.
+    with state.transaction() as db:
+        db.execute("UPDATE deliveries SET state = 'uploaded'")
+    work, wait = worker.next_work(time.time())
+    assert work is None and 0 < wait <= 60
+    work, _ = worker.next_work(time.time() + 61)
+    assert work is not None and work.study_uid == stat and work.to_send == 0
+
+
+# -- retention ------------------------------------------------------------------------------------
+
+
+class _TightSpool(Spool):
+    """A spool on a 'full' disk: free space is what the test says."""
+
+    free = 10**12
+
+    def free_bytes(self) -> int:
+        return self.free
+
+
+def test_retention_never_deletes_before_commit(tmp_path: Path) -> None:
+    spool = _TightSpool(tmp_path)
+    state = StateDB(tmp_path / "gateway.sqlite3")
+    settings = GatewaySettings(data_dir=tmp_path, disk_reserve_mb=1)
+    listener = Listener(settings, spool, state, ["hub", "pacs"])
+    study = generate_uid()
+    for _ in range(3):
+        listener.store(_ct(study), calling_aet="CT01")
+    paths = [spool.absolute(r[0]) for r in state.query("SELECT path FROM instances")]
+    janitor = Janitor(spool, state, retention_s=7 * 86400, reserve_bytes=1024**2)
+    later = time.time() + 8 * 86400
+    assert janitor.sweep(later) == 0  # nothing committed anywhere
+    with state.transaction() as db:
+        db.execute("UPDATE deliveries SET state = ? WHERE destination = 'hub'", (COMMITTED,))
+    spool.free = 0  # disk pressure: still nothing, the PACS has not committed
+    assert janitor.sweep(time.time()) == 0
+    with state.transaction() as db:
+        db.execute("UPDATE deliveries SET state = ?", (COMMITTED,))
+    spool.free = 10**12
+    assert janitor.sweep(time.time()) == 0  # committed but within retention
+    assert all(p.exists() for p in paths)
+    spool.free = 0
+    assert janitor.sweep(time.time()) == 3  # disk pressure: committed files may go early
+    assert not any(p.exists() for p in paths)
+    assert state.scalar("SELECT count(*) FROM instances WHERE deleted_at IS NULL") == 0
+
+
+# -- recovery -------------------------------------------------------------------------------------
+
+
+def test_recovery_reindexes_unrecorded_files_and_removes_partials(env: Env) -> None:
+    settings, spool, state, listener = env
+    study = generate_uid()
+    listener.store(_ct(study), calling_aet="CT01")
+    # A crash after the rename but before the database commit leaves an unrecorded file ...
+    orphan = _ct(study)
+    orphan_uid = str(dcmread(BytesIO(orphan)).SOPInstanceUID)
+    spool.store(study, orphan_uid, orphan)
+    # ... a crash mid-write leaves a temporary, and one mid-pack an unrecorded bundle.
+    (spool.tmp_dir / "abc.part").write_bytes(b"half a file")
+    (spool.outbox_dir / "bundle-x.tlb").write_bytes(b"half a bundle")
+    report = recover(spool, state, settings)
+    assert report == {"temporaries": 1, "reindexed": 1, "orphan_bundles": 1}
+    rec = state.get_instance(orphan_uid)
+    assert rec is not None and rec.sha256 == hashlib.sha256(orphan).hexdigest()
+    assert (
+        state.scalar(
+            "SELECT count(*) FROM deliveries WHERE sop_instance_uid = ? AND state = ?",
+            (orphan_uid, PENDING),
+        )
+        == 1
+    )
+    assert not list(spool.tmp_dir.iterdir()) and not list(spool.outbox_dir.iterdir())
+    # The modality re-sends the unacknowledged instance: idempotent, not a conflict.
+    assert listener.store(orphan, calling_aet="CT01").status == SUCCESS
+    assert state.scalar("SELECT instance_count FROM studies WHERE study_uid = ?", (study,)) == 2
+    assert recover(spool, state, settings) == {
+        "temporaries": 0,
+        "reindexed": 0,
+        "orphan_bundles": 0,
+    }
+
+
+def test_status_reports_receiving_then_queued(env: Env) -> None:
+    _, _, state, listener = env
+    study = generate_uid()
+    listener.store(_ct(study), calling_aet="CT01")
+    now = time.time()
+    assert gateway_status(state, 60, now)["studies"][0]["state"] == "receiving"
+    status = gateway_status(state, 60, now + 61)
+    assert status["studies"][0]["state"] == "queued"
+    assert status["backlog_bytes"] > 0
+    with state.transaction() as db:
+        db.execute("UPDATE deliveries SET state = ?", (COMMITTED,))
+    status = gateway_status(state, 60, now + 61)
+    assert status["studies"][0]["state"] == "committed"
+    assert status["studies"][0]["sent_percent"] == 100.0 and status["backlog_bytes"] == 0
