@@ -173,8 +173,9 @@ class HubSettings(ListenerSettings):
     orthanc_password: str | None = None
     #: SQLAlchemy URL; SQLite under ``data_dir`` when unset.
     database_url: str | None = None
-    #: Seconds of silence after which an unfinished upload's partial data is discarded.
-    upload_expiry_s: float = 7 * 24 * 3600.0
+    #: Serve the upload protocol over HTTPS with this certificate and key.
+    https_cert: Path | None = None
+    https_key: Path | None = None
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -63,6 +63,9 @@ class Hub:
 
     def start_http(self, *, log_level: str = "warning", **kw: Any) -> None:
         """Run uvicorn in a thread (tests, demo); ``serve`` blocks instead."""
+        if self.settings.https_cert and self.settings.https_key:
+            kw.setdefault("ssl_certfile", str(self.settings.https_cert))
+            kw.setdefault("ssl_keyfile", str(self.settings.https_key))
         config = uvicorn.Config(
             self.app,
             host=self.settings.http_host,
