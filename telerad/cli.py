@@ -75,6 +75,24 @@ def _when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    """A rich table on a terminal; tab-separated lines when piped, so UIDs (up to 64
+    characters) are never wrapped or cut and scripts can read the output."""
+    out = Console()
+    if out.is_terminal:
+        table = Table(title=title)
+        for col in columns:
+            table.add_column(col, no_wrap=col in ("study", "SOP Instance UID"))
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+        return
+    typer.echo(f"# {title}")
+    typer.echo("\t".join(columns))
+    for row in rows:
+        typer.echo("\t".join(row))
+
+
 def _wait_forever(stop: threading.Event) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -158,21 +176,23 @@ def gateway_status_cmd(
         typer.echo(json.dumps(status, indent=2))
         return
     out = Console()
-    table = Table(title="Studies")
-    for col in ("study", "prio", "mod", "from", "inst", "MB", "state", "sent %"):
-        table.add_column(col)
-    for s in status["studies"]:
-        table.add_row(
-            s["study_uid"],
-            s["priority"],
-            s["modality"],
-            s["calling_aet"],
-            str(s["instances"]),
-            f"{s['bytes'] / 1e6:.1f}",
-            s["state"],
-            f"{s['sent_percent']:.0f}",
-        )
-    out.print(table)
+    _print_table(
+        "Studies",
+        ["study", "prio", "mod", "from", "inst", "MB", "state", "sent %"],
+        [
+            [
+                s["study_uid"],
+                s["priority"],
+                s["modality"],
+                s["calling_aet"],
+                str(s["instances"]),
+                f"{s['bytes'] / 1e6:.1f}",
+                s["state"],
+                f"{s['sent_percent']:.0f}",
+            ]
+            for s in status["studies"]
+        ],
+    )
     for link in status["links"]:
         out.print(
             f"link {link['destination']}: {link['state']} ({link['detail']}), "
@@ -184,19 +204,21 @@ def gateway_status_cmd(
         + (f", ETA {eta:.0f} s" if eta is not None else "")
     )
     if status["quarantine"]:
-        q = Table(title="Quarantine")
-        for col in ("when", "status", "reason", "from", "SOP Instance UID", "file"):
-            q.add_column(col)
-        for item in status["quarantine"]:
-            q.add_row(
-                _when(item["created_at"]),
-                f"0x{item['status']:04X}",
-                item["reason"],
-                item["calling_aet"],
-                item["sop_instance_uid"],
-                item["path"],
-            )
-        out.print(q)
+        _print_table(
+            "Quarantine",
+            ["when", "status", "reason", "from", "SOP Instance UID", "file"],
+            [
+                [
+                    _when(item["created_at"]),
+                    f"0x{item['status']:04X}",
+                    item["reason"],
+                    item["calling_aet"],
+                    item["sop_instance_uid"],
+                    item["path"],
+                ]
+                for item in status["quarantine"]
+            ],
+        )
 
 
 @gateway_app.command("priority")
@@ -354,20 +376,22 @@ def hub_studies(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title="Hub studies")
-    for col in ("study", "station", "mod", "prio", "state", "inst", "committed"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
-            r["study_uid"],
-            r["station"],
-            r["modality"],
-            r["priority"],
-            r["state"],
-            str(r["instances"]),
-            _when(r["committed_at"]),
-        )
-    Console().print(table)
+    _print_table(
+        "Hub studies",
+        ["study", "station", "mod", "prio", "state", "inst", "committed"],
+        [
+            [
+                r["study_uid"],
+                r["station"],
+                r["modality"],
+                r["priority"],
+                r["state"],
+                str(r["instances"]),
+                _when(r["committed_at"]),
+            ]
+            for r in rows
+        ],
+    )
 
 
 @hub_app.command("export")
