@@ -455,11 +455,12 @@ def demo(
     ),
     ct_slices: Annotated[int, typer.Option(help="Slices in the sample CT.")] = 120,
     serve: Annotated[bool, typer.Option(help="Keep running after the samples arrived.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """A hub and a gateway on loopback with the sample studies flowing through them."""
     from telerad.demo import run_demo
 
-    _setup_logging()
+    _setup_logging(verbose)
     sys.exit(run_demo(data_dir, ct_slices=ct_slices, serve=serve, console=console))
 
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pydicom import dcmread
+
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -15,10 +17,21 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_demo_flows_samples_to_the_hub(tmp_path: Path) -> None:
+    logs = ""
     for attempt in (1, 2):  # the second run re-sends identical files: idempotent, still green
-        res = _run("demo", "--data-dir", str(tmp_path), "--ct-slices", "6")
+        res = _run("demo", "--data-dir", str(tmp_path), "--ct-slices", "6", "--verbose")
         assert res.returncode == 0, f"run {attempt}:\n{res.stdout}\n{res.stderr[-4000:]}"
         assert "Committed at the hub" in res.stderr
+        logs += res.stdout + res.stderr
+    # Privacy: no patient name or ID in anything the services logged (debug level included).
+    identities = set()
+    for f in (tmp_path / "samples").rglob("*.dcm"):
+        ds = dcmread(f, stop_before_pixels=True)
+        identities |= {str(ds.PatientID), str(ds.PatientName)}
+        identities |= {part for part in str(ds.PatientName).split("^") if len(part) > 2}
+    assert identities and "DEBUG" in logs
+    leaked = sorted(i for i in identities if i and i in logs)
+    assert not leaked, f"patient identity in logs: {leaked}"
     studies = json.loads(
         _run("hub", "studies", "--json", "--data-dir", str(tmp_path / "hub")).stdout
     )
