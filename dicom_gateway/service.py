@@ -31,6 +31,7 @@ from dicom_gateway.state import (
     COMMITTED,
     FAILED,
     PENDING,
+    UPLOADED,
     InstanceRecord,
     StateDB,
     StudyInfo,
@@ -171,11 +172,12 @@ def gateway_status(
         "SELECT s.study_uid, s.priority, s.modality, s.calling_aet, s.first_received, "
         "s.last_received, s.instance_count, s.bytes, "
         "sum(d.state = ?), sum(d.state = ?), count(d.sop_instance_uid), "
-        "sum(CASE WHEN d.state != ? AND d.state != ? THEN i.size ELSE 0 END) "
+        "sum(CASE WHEN d.state != ? AND d.state != ? THEN i.size ELSE 0 END), "
+        "sum(d.state = ?) "
         "FROM studies s LEFT JOIN deliveries d ON d.study_uid = s.study_uid "
         "LEFT JOIN instances i ON i.sop_instance_uid = d.sop_instance_uid "
         "GROUP BY s.study_uid ORDER BY s.priority, s.first_received",
-        (COMMITTED, FAILED, COMMITTED, FAILED),
+        (COMMITTED, FAILED, COMMITTED, FAILED, UPLOADED),
     ):
         (
             uid,
@@ -190,14 +192,18 @@ def gateway_status(
             failed,
             deliveries,
             backlog,
+            uploaded,
         ) = row
         committed, failed, deliveries = committed or 0, failed or 0, deliveries or 0
+        sent = committed + (uploaded or 0)
         if deliveries and committed + failed == deliveries:
             st = "committed" if not failed else "committed-with-failures"
         elif now - last < quiet_period_s:
-            st = "receiving"
+            st = "receiving"  # forwarding may already be under way
+        elif sent:
+            st = "sending"  # complete, partly at its destinations
         else:
-            st = "queued"
+            st = "queued"  # complete, waiting behind more urgent or older studies
         studies.append(
             {
                 "study_uid": uid,
@@ -207,7 +213,7 @@ def gateway_status(
                 "instances": count,
                 "bytes": size,
                 "state": st,
-                "sent_percent": round(100.0 * committed / deliveries, 1) if deliveries else 0.0,
+                "sent_percent": round(100.0 * sent / deliveries, 1) if deliveries else 0.0,
                 "failed": failed,
                 "backlog_bytes": backlog or 0,
                 "first_received": first,

@@ -232,6 +232,12 @@ def test_status_reports_receiving_then_queued(env: Env) -> None:
     status = gateway_status(state, 60, now + 61)
     assert status["studies"][0]["state"] == "queued"
     assert status["backlog_bytes"] > 0
+    listener.store(_ct(study), calling_aet="CT01")
+    with state.transaction() as db:
+        db.execute("UPDATE deliveries SET state = 'uploaded' WHERE rowid = 1")
+    status = gateway_status(state, 60, time.time() + 61)
+    assert status["studies"][0]["state"] == "sending"
+    assert status["studies"][0]["sent_percent"] == 50.0
     with state.transaction() as db:
         db.execute("UPDATE deliveries SET state = ?", (COMMITTED,))
     status = gateway_status(state, 60, now + 61)
