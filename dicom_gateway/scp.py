@@ -98,6 +98,24 @@ ACCEPTED_TRANSFER_SYNTAXES: list[str] = [str(ts) for ts in _PREFERRED] + [
 ]
 
 _LOCK_STRIPES = 64
+#: Bytes of the dataset parsed for the header; the rest (pixel data) is never parsed.
+_HEADER_PROBE = 256 * 1024
+
+
+def _parse_header(prefix: bytes, body: bytes) -> Any:
+    """Parse the header (everything before Pixel Data) from the first bytes only, falling
+    back to the whole file when the probe ended before the header did."""
+    head = prefix + body[:_HEADER_PROBE]
+    if len(body) > _HEADER_PROBE:
+        fp = BytesIO(head)
+        try:
+            ds = dcmread(fp, stop_before_pixels=True)
+            if fp.tell() < len(head):  # stopped at Pixel Data, not at the end of the probe
+                return ds
+        except Exception:
+            pass
+        head = prefix + body
+    return dcmread(BytesIO(head), stop_before_pixels=True)
 
 
 @dataclass(frozen=True)
@@ -230,14 +248,15 @@ class Listener:
         calling = event.assoc.requestor.ae_title
         assoc_id = event.assoc.native_id
         try:
+            # The dataset as sent, never decoded on this path; the file meta is ours.
             stream = event.encoded_dataset(include_meta=False)
             meta = DicomBytesIO()
             write_file_meta_info(meta, event.file_meta, enforce_standard=True)
-            data = b"".join((b"\x00" * 128, b"DICM", meta.getvalue(), stream))
+            prefix = b"".join((b"\x00" * 128, b"DICM", meta.getvalue()))
             req = cast(C_STORE, event.request)
-            outcome = self.store(
-                data,
-                dataset_bytes=stream,
+            outcome = self.store_parts(
+                prefix,
+                stream,
                 calling_aet=calling,
                 command_sop_uid=str(req.AffectedSOPInstanceUID or ""),
             )
@@ -260,49 +279,61 @@ class Listener:
     # -- the durable store, usable without a network (the hub ingest and tests call it) ---
 
     def store(
+        self, data: bytes, *, calling_aet: str, command_sop_uid: str | None = None
+    ) -> StoreOutcome:
+        """Store a whole Part-10 file."""
+        return self.store_parts(data, b"", calling_aet=calling_aet, command_sop_uid=command_sop_uid)
+
+    def store_parts(
         self,
-        data: bytes,
+        prefix: bytes,
+        body: bytes,
         *,
-        dataset_bytes: bytes | None = None,
         calling_aet: str,
         command_sop_uid: str | None = None,
     ) -> StoreOutcome:
-        if self.spool.free_bytes() - len(data) < self.reserve_bytes:
+        """Store the Part-10 file ``prefix + body`` without ever joining the two: the
+        listener passes preamble + file meta and the dataset as received (~0.5 MB per CT
+        slice not copied again)."""
+        size = len(prefix) + len(body)
+        if self.spool.free_bytes() - size < self.reserve_bytes:
             INSTANCES.labels("disk_reserve").inc()
             return StoreOutcome(OUT_OF_RESOURCES, command_sop_uid or "", "disk reserve reached")
         try:
-            ds = dcmread(BytesIO(data), stop_before_pixels=True)
+            ds = _parse_header(prefix, body)
             sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
             study_uid = str(ds.get("StudyInstanceUID", "") or "").strip()
             series_uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
             sop_class = str(ds.get("SOPClassUID", "") or "").strip()
             tsyntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
         except Exception as exc:
-            return self._refuse(data, calling_aet, CANNOT_UNDERSTAND, f"unparseable: {exc}")
+            return self._refuse(
+                prefix + body, calling_aet, CANNOT_UNDERSTAND, f"unparseable: {exc}"
+            )
         if not (sop_uid and study_uid and series_uid and sop_class):
-            return self._refuse(data, calling_aet, MISSING_UIDS, "missing UID", sop_uid, study_uid)
+            return self._refuse(
+                prefix + body, calling_aet, MISSING_UIDS, "missing UID", sop_uid, study_uid
+            )
         if command_sop_uid is not None and command_sop_uid.strip() != sop_uid:
             return self._refuse(
-                data,
+                prefix + body,
                 calling_aet,
                 UID_MISMATCH,
                 f"dataset SOP Instance UID differs from command ({command_sop_uid})",
                 sop_uid,
                 study_uid,
             )
-        dataset_sha = (
-            dataset_sha256(data)
-            if dataset_bytes is None
-            else hashlib.sha256(dataset_bytes).hexdigest()
-        )
+        digest = hashlib.sha256(prefix)
+        digest.update(body)
+        sha = digest.hexdigest()
         with self._locks[hash(sop_uid) % _LOCK_STRIPES]:
             existing = self.state.get_instance(sop_uid)
             if existing is not None:
-                if existing.dataset_sha256 == dataset_sha:
+                if existing.sha256 == sha or self._same_dataset(existing, prefix + body):
                     INSTANCES.labels("duplicate").inc()
                     return StoreOutcome(SUCCESS, sop_uid, "identical re-send")
                 return self._refuse(
-                    data,
+                    prefix + body,
                     calling_aet,
                     CONFLICT,
                     "different content under an existing SOP Instance UID",
@@ -310,7 +341,7 @@ class Listener:
                     study_uid,
                 )
             try:
-                path = self.spool.store(study_uid, sop_uid, data)
+                path = self.spool.store(study_uid, sop_uid, (prefix, body))
             except OSError as exc:
                 INSTANCES.labels("write_error").inc()
                 return StoreOutcome(OUT_OF_RESOURCES, sop_uid, f"write failed: {exc}")
@@ -322,9 +353,8 @@ class Listener:
                 series_uid=series_uid,
                 transfer_syntax=tsyntax,
                 path=self.spool.relative(path),
-                size=len(data),
-                sha256=hashlib.sha256(data).hexdigest(),
-                dataset_sha256=dataset_sha,
+                size=size,
+                sha256=sha,
                 calling_aet=calling_aet,
                 received_at=time.time(),
             )
@@ -337,10 +367,19 @@ class Listener:
             )
             self.state.record_instance(rec, info, self.destinations)
         INSTANCES.labels("stored").inc()
-        BYTES.inc(len(data))
+        BYTES.inc(size)
         if self.on_stored is not None:
             self.on_stored(study_uid)
         return StoreOutcome(SUCCESS, sop_uid)
+
+    def _same_dataset(self, existing: InstanceRecord, data: bytes) -> bool:
+        """Rare path: the file differs, but maybe only in its file meta (another sender's
+        transfer of the same dataset, a pynetdicom upgrade): compare the datasets."""
+        try:
+            held = self.spool.absolute(existing.path).read_bytes()
+        except OSError:
+            return False  # removed after commit and retention: cannot prove it is the same
+        return dataset_sha256(held) == dataset_sha256(data)
 
     def _refuse(
         self,

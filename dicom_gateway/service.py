@@ -25,7 +25,7 @@ from dicom_gateway.forward.hub import HubTransport
 from dicom_gateway.forward.worker import ForwardWorker, Transport
 from dicom_gateway.priority import evaluate as evaluate_priority
 from dicom_gateway.scp import Listener
-from dicom_gateway.spool import Spool, dataset_sha256
+from dicom_gateway.spool import Spool
 from dicom_gateway.state import (
     BUNDLED,
     COMMITTED,
@@ -63,7 +63,6 @@ def recover(spool: Spool, state: StateDB, settings: ListenerSettings) -> dict[st
                 path=rel,
                 size=len(data),
                 sha256=hashlib.sha256(data).hexdigest(),
-                dataset_sha256=dataset_sha256(data),
                 calling_aet="(recovered)",
                 received_at=path.stat().st_mtime,
             )

@@ -15,6 +15,7 @@ import shutil
 import struct
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from telerad.fileio import ensure_dir, safe_name, write_atomic
@@ -57,7 +58,7 @@ class Spool:
     def absolute(self, relative: str) -> Path:
         return self.root / relative
 
-    def store(self, study_uid: str, sop_instance_uid: str, data: bytes) -> Path:
+    def store(self, study_uid: str, sop_instance_uid: str, data: bytes | Sequence[bytes]) -> Path:
         dst = self.instance_path(study_uid, sop_instance_uid)
         write_atomic(dst, data, self.tmp_dir)
         return dst

@@ -10,6 +10,7 @@ import hashlib
 import os
 import re
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 _SAFE_UID = re.compile(r"[0-9][0-9.]{0,63}")
@@ -42,16 +43,28 @@ def ensure_dir(path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def write_atomic(dst: Path, data: bytes | memoryview, tmp_dir: Path) -> None:
-    """Write ``data`` so that ``dst`` holds all of it or nothing, durably."""
+def write_atomic(
+    dst: Path, data: bytes | memoryview | Sequence[bytes | memoryview], tmp_dir: Path
+) -> None:
+    """Write ``data`` (one buffer, or several written in order without joining them) so that
+    ``dst`` holds all of it or nothing, durably."""
     ensure_dir(dst.parent)
     tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        views = (
+            [memoryview(data)]
+            if isinstance(data, bytes | memoryview)
+            else [memoryview(b) for b in data]
+        )
+        views = [v for v in views if len(v)]
+        while views:
+            written = os.writev(fd, views)
+            while views and written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            if views and written:
+                views[0] = views[0][written:]
         os.fsync(fd)
     except BaseException:
         os.close(fd)
