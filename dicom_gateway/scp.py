@@ -32,6 +32,7 @@ from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
+    UID,
     AllTransferSyntaxes,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -46,8 +47,10 @@ from pydicom.uid import (
 )
 from pydicom.uid import JPEGLossless as JPEGLosslessP14
 from pynetdicom import AE, _config, evt
+from pynetdicom import acse as _acse
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.presentation import negotiate_unrestricted as _pynetdicom_negotiate_unrestricted
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -98,6 +101,42 @@ ACCEPTED_TRANSFER_SYNTAXES: list[str] = [str(ts) for ts in _PREFERRED] + [
 ]
 
 _LOCK_STRIPES = 64
+_SYNTAX_RANK = {ts: i for i, ts in enumerate(ACCEPTED_TRANSFER_SYNTAXES)}
+_NOT_STORAGE = {str(Verification)}
+
+
+def negotiate_storage(
+    rq_contexts: list[PresentationContext],
+    ac_contexts: list[PresentationContext],
+    roles: Any = None,
+) -> tuple[list[PresentationContext], Any]:
+    """pynetdicom's unrestricted storage negotiation, with *our* transfer syntax order.
+
+    pynetdicom's version accepts every storage context (private and unknown SOP classes
+    too, as ``storescp --promiscuous``) but takes the caller's first proposed syntax, even
+    one nobody knows. We take the first of ``ACCEPTED_TRANSFER_SYNTAXES`` that the caller
+    proposed -- lossless compressed first, so instances arrive as they were made -- and refuse
+    a context offering none we know (result 0x04, transfer syntaxes not supported).
+    """
+    result, reply_roles = _pynetdicom_negotiate_unrestricted(rq_contexts, ac_contexts, roles)
+    proposed = {cx.context_id: [str(ts) for ts in cx.transfer_syntax] for cx in rq_contexts}
+    for cx in result:
+        if cx.result != 0x00 or str(cx.abstract_syntax) in _NOT_STORAGE:
+            continue
+        known = [ts for ts in proposed.get(cx.context_id, []) if ts in _SYNTAX_RANK]
+        if known:
+            cx.transfer_syntax = [UID(min(known, key=_SYNTAX_RANK.__getitem__))]
+        else:
+            cx.result = 0x04
+    return result, reply_roles
+
+
+def _install_negotiation() -> None:
+    """Process-wide, like the ``UNRESTRICTED_STORAGE_SERVICE`` switch it refines."""
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+    _acse.negotiate_unrestricted = negotiate_storage
+
+
 #: Bytes of the dataset parsed for the header; the rest (pixel data) is never parsed.
 _HEADER_PROBE = 256 * 1024
 
@@ -161,17 +200,14 @@ class Listener:
 
     def build_ae(self) -> AE:
         # Private and retired storage SOP classes arrive too: accept any abstract syntax
-        # as storage (DCMTK storescp --promiscuous does the same).
-        _config.UNRESTRICTED_STORAGE_SERVICE = True
+        # as storage (DCMTK storescp --promiscuous does the same), with our syntax order.
+        _install_negotiation()
         ae = AE(ae_title=self.settings.aet)
         ae.maximum_pdu_size = 0  # no limit: ~30% faster receive (FIELD-NOTES)
         ae.maximum_associations = self.settings.max_associations
         ae.network_timeout = 120
         ae.acse_timeout = 30
         ae.dimse_timeout = 120
-        for cx in AllStoragePresentationContexts:
-            assert cx.abstract_syntax is not None
-            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         return ae
 

@@ -9,10 +9,17 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 from pynetdicom import AE
 
 from dicom_gateway import GatewayError
-from dicom_gateway.forward.dicom import MAX_CONTEXTS, plan_contexts
+from dicom_gateway.forward.dicom import (
+    MAX_CONTEXTS,
+    fit_to_association,
+    plan_contexts,
+    planned_syntaxes,
+    refused_everything,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +68,18 @@ def send_paths(
             headers.append((f, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
         except (InvalidDicomError, AttributeError, OSError) as exc:
             report.skipped.append((str(f), f"not a DICOM file: {exc}"))
-    # One association per group of pairs that fits in 128 presentation contexts.
+    # One association per group of pairs whose contexts (with the per-SOP-class uncompressed
+    # fallbacks) fit in 128 presentation contexts.
     groups: list[list[tuple[Path, str, str]]] = []
+    group_pairs: list[set[tuple[str, str]]] = []
     seen: dict[tuple[str, str], int] = {}
     for item in headers:
         key = (item[1], item[2])
         if key not in seen:
-            if not groups or len({(i[1], i[2]) for i in groups[-1]} | {key}) > MAX_CONTEXTS:
+            if not groups or len(planned_syntaxes(group_pairs[-1] | {key})) > MAX_CONTEXTS:
                 groups.append([])
+                group_pairs.append(set())
+            group_pairs[-1].add(key)
             seen[key] = len(groups) - 1
         groups[seen[key]].append(item)
     for group in groups:
@@ -77,12 +88,26 @@ def send_paths(
         for cx in plan_contexts({(i[1], i[2]) for i in group}):
             ae.add_requested_context(cx.abstract_syntax, cx.transfer_syntax)  # type: ignore[arg-type]
         assoc = ae.associate(host, port, ae_title=aet)
+        if refused_everything(assoc):
+            for path, sop_class, ts in group:
+                why = f"no presentation context for {UID(sop_class).name!r} with {UID(ts).name!r}"
+                report.failed.append((str(path), f"not accepted by peer: {why}"))
+            if progress:
+                progress(len(group))
+            continue
         if not assoc.is_established:
-            raise GatewayError(f"association with {peer} was not accepted")
+            if assoc.is_rejected and assoc.acceptor.primitive is not None:
+                rj = assoc.acceptor.primitive
+                why = f"rejected ({rj.result_str}, {rj.source_str}: {rj.reason_str})"
+            else:
+                why = "failed: no answer or aborted (is the peer listening on that port?)"
+            raise GatewayError(f"association with {peer} {why}")
         try:
             for path, _, _ in group:
                 try:
-                    rsp = assoc.send_c_store(dcmread(path))
+                    ds = dcmread(path)
+                    fit_to_association(assoc, ds)
+                    rsp = assoc.send_c_store(ds)
                 except ValueError as exc:
                     report.failed.append((str(path), str(exc)))
                     continue

@@ -312,6 +312,7 @@ class Gateway:
                     calling_aet=dest.calling_aet or settings.aet,
                     state=self.state,
                     spool=self.spool,
+                    retry_max_s=settings.retry_max_s,
                 )
             )
         names = [t.destination for t in self.transports]

@@ -55,6 +55,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     bundle_id INTEGER,
     attempts INTEGER NOT NULL DEFAULT 0,
     last_status TEXT NOT NULL DEFAULT '',
+    -- a refused instance waits alone (NULL: due now), so it never blocks other studies
+    next_attempt REAL,
     updated_at REAL NOT NULL,
     PRIMARY KEY (destination, sop_instance_uid)
 );

@@ -9,11 +9,12 @@ retried; warnings are recorded with the instance.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Any
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.presentation import PresentationContext
@@ -39,18 +40,61 @@ def _retry_forever(status: int) -> bool:
     return 0xA700 <= status <= 0xA7FF or status == 0x0110
 
 
+def planned_syntaxes(pairs: set[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """The (SOP class, transfer syntaxes) of each context to propose for ``pairs``.
+
+    Each (SOP class, transfer syntax) present gets a context of its own proposing only that
+    syntax, so the peer accepts or refuses it by itself. Offering fallbacks inside the same
+    context does not work: an SCP picks from *its own* list order (FIELD-NOTES), so Orthanc
+    took Explicit VR Little Endian for every compressed instance, which pynetdicom then cannot
+    send, and Deflated or Big Endian instances got re-encoded. Per SOP class one more context
+    offers the uncompressed syntaxes, used only when the exact one was refused.
+    """
+    planned: list[tuple[str, list[str]]] = [(sop, [ts]) for sop, ts in sorted(pairs)]
+    for sop_class in sorted({sop for sop, _ in pairs}):
+        if not {(sop_class, ExplicitVRLittleEndian), (sop_class, ImplicitVRLittleEndian)} <= pairs:
+            planned.append((sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+    return planned
+
+
 def plan_contexts(pairs: set[tuple[str, str]]) -> list[PresentationContext]:
-    """One context per (SOP class, transfer syntax); uncompressed alternatives are added so a
-    peer that refuses the compressed syntax can still receive (pydicom decodes then)."""
-    contexts: list[PresentationContext] = []
-    for sop_class, ts in sorted(pairs):
-        syntaxes = [ts]
-        if UID(ts).is_compressed or ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            syntaxes += [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-        contexts.append(build_context(sop_class, list(dict.fromkeys(syntaxes))))
-    if len(contexts) > MAX_CONTEXTS:
-        raise TransportError(f"study needs {len(contexts)} presentation contexts (max 128)")
-    return contexts
+    """The presentation contexts to request for ``pairs`` (see ``planned_syntaxes``)."""
+    planned = planned_syntaxes(pairs)
+    if len(planned) > MAX_CONTEXTS:
+        raise TransportError(f"study needs {len(planned)} presentation contexts (max 128)")
+    return [build_context(sop, syntaxes) for sop, syntaxes in planned]
+
+
+def fit_to_association(assoc: Any, ds: Dataset) -> None:
+    """Make ``ds`` sendable on ``assoc``: when the peer refused the instance's compressed
+    syntax but takes an uncompressed one, decode it (pydicom, lossless codecs), keeping its
+    SOP Instance UID. Raises ValueError with the reason when the peer cannot take it."""
+    sop_class = str(ds.SOPClassUID)
+    ts = UID(str(ds.file_meta.TransferSyntaxUID))
+    accepted = {
+        str(cx.transfer_syntax[0])
+        for cx in assoc.accepted_contexts
+        if str(cx.abstract_syntax) == sop_class
+    }
+    if ts in accepted or not ts.is_compressed:
+        return  # exact, or pynetdicom converts between uncompressed syntaxes itself
+    if not accepted & {ExplicitVRLittleEndian, ImplicitVRLittleEndian}:
+        return  # send_c_store raises the "no presentation context" error
+    try:
+        ds.decompress(generate_instance_uid=False)
+    except Exception as exc:
+        raise ValueError(
+            f"peer refused {ts.name} and the pixel data could not be decoded: {exc}"
+        ) from exc
+
+
+def refused_everything(assoc: Any) -> bool:
+    """The peer accepted the association but none of its presentation contexts (pynetdicom
+    then aborts it), as opposed to a peer that did not answer or rejected the association."""
+    return (
+        bool(not assoc.is_established and assoc.is_aborted and assoc.rejected_contexts)
+        and not assoc.accepted_contexts
+    )
 
 
 class DicomTransport:
@@ -65,7 +109,9 @@ class DicomTransport:
         state: StateDB,
         spool: Spool,
         tls_args: Any = None,
+        retry_max_s: float = 300.0,
     ) -> None:
+        self.retry_max_s = retry_max_s
         self.destination = destination
         self.aet, self.host, self.port = aet, host, port
         self.calling_aet = calling_aet
@@ -77,8 +123,9 @@ class DicomTransport:
         rows = self.state.query(
             "SELECT d.sop_instance_uid, i.sop_class_uid, i.transfer_syntax, i.path, d.attempts "
             "FROM deliveries d JOIN instances i ON i.sop_instance_uid = d.sop_instance_uid "
-            "WHERE d.destination = ? AND d.study_uid = ? AND d.state = ? ORDER BY i.received_at",
-            (self.destination, study.study_uid, PENDING),
+            "WHERE d.destination = ? AND d.study_uid = ? AND d.state = ? "
+            "AND coalesce(d.next_attempt, 0) <= ? ORDER BY i.received_at",
+            (self.destination, study.study_uid, PENDING, time.time()),
         )
         if not rows:
             return True
@@ -88,36 +135,65 @@ class DicomTransport:
         for cx in plan_contexts({(r[1], r[2]) for r in rows}):
             ae.add_requested_context(cx.abstract_syntax, cx.transfer_syntax)  # type: ignore[arg-type]
         assoc = ae.associate(self.host, self.port, ae_title=self.aet, tls_args=self.tls_args)
+        if refused_everything(assoc):
+            # The peer answered but takes none of this study's SOP classes: as final as a
+            # per-instance "no presentation context", not a broken link to retry forever.
+            for uid, sop_class, ts, _rel, attempts in rows:
+                why = f"no presentation context for {UID(sop_class).name!r} with {UID(ts).name!r}"
+                self._mark(uid, FAILED, f"not accepted by peer: {why}", attempts + 1)
+            self.state.set_link(self.destination, "up", "refused every SOP class", ok=True)
+            return True
         if not assoc.is_established:
             raise TransportError(
                 f"association with {self.aet}@{self.host}:{self.port} failed "
                 f"({'rejected' if assoc.is_rejected else 'no answer or aborted'})"
             )
+        refused: list[str] = []
+        preempted = False
         try:
             for uid, _sop_class, _ts, rel, attempts in rows:
                 if not assoc.is_established:
                     raise TransportError(f"association with {self.aet} dropped")
-                self._store_one(assoc, uid, rel, attempts)
+                retry = self._store_one(assoc, uid, rel, attempts)
+                if retry:
+                    refused.append(retry)
                 if preempt():
-                    return False
+                    preempted = True
+                    break
         finally:
             if assoc.is_established:
                 assoc.release()
+        if preempted:
+            return False
+        if refused:
+            # Each refused instance waits out its own back-off (``next_attempt``): the peer
+            # is not hammered, and the rest of the queue -- other studies -- goes on.
+            self.state.set_link(
+                self.destination,
+                "up",
+                f"{self.aet} refused {len(refused)} instance(s) for now "
+                f"(status {', '.join(sorted(set(refused)))})",
+                ok=True,
+            )
+            return True
         self.state.set_link(self.destination, "up", "stored", ok=True)
         return True
 
-    def _store_one(self, assoc: Any, uid: str, rel: str, attempts: int) -> None:
+    def _store_one(self, assoc: Any, uid: str, rel: str, attempts: int) -> str | None:
+        """Store one instance and record the outcome; returns the failure status when the
+        instance stays pending for a later attempt."""
         try:
             ds = dcmread(self.spool.absolute(rel))
         except Exception as exc:
             self._mark(uid, FAILED, f"spool file unreadable: {exc}", attempts + 1)
-            return
+            return None
         try:
+            fit_to_association(assoc, ds)
             rsp = assoc.send_c_store(ds)
         except ValueError as exc:
             # No accepted context for this SOP class / syntax: the peer will never take it.
             self._mark(uid, FAILED, f"not accepted by peer: {exc}", attempts + 1)
-            return
+            return None
         status = int(getattr(rsp, "Status", -1)) if rsp else -1
         if status == -1:
             raise TransportError(f"no C-STORE response from {self.aet} for {uid}")
@@ -137,14 +213,26 @@ class DicomTransport:
                 attempts,
                 ", giving up" if give_up else "",
             )
-            self._mark(uid, FAILED if give_up else PENDING, f"failure 0x{status:04X}", attempts)
+            delay = min(self.retry_max_s, 2.0**attempts) * (0.5 + random.random() / 2)
+            self._mark(
+                uid,
+                FAILED if give_up else PENDING,
+                f"failure 0x{status:04X}",
+                attempts,
+                next_attempt=None if give_up else time.time() + delay,
+            )
+            if not give_up:
+                return f"0x{status:04X}"
+        return None
 
-    def _mark(self, uid: str, state: str, status: str, attempts: int) -> None:
+    def _mark(
+        self, uid: str, state: str, status: str, attempts: int, next_attempt: float | None = None
+    ) -> None:
         with self.state.transaction() as db:
             db.execute(
-                "UPDATE deliveries SET state = ?, last_status = ?, attempts = ?, updated_at = ? "
-                "WHERE destination = ? AND sop_instance_uid = ?",
-                (state, status, attempts, time.time(), self.destination, uid),
+                "UPDATE deliveries SET state = ?, last_status = ?, attempts = ?, "
+                "next_attempt = ?, updated_at = ? WHERE destination = ? AND sop_instance_uid = ?",
+                (state, status, attempts, next_attempt, time.time(), self.destination, uid),
             )
 
     def commit(self, study: StudyWork) -> None:

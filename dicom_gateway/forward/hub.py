@@ -100,8 +100,9 @@ class HubTransport:
         pending = self.state.query(
             "SELECT d.sop_instance_uid, i.size, i.sha256, i.path FROM deliveries d "
             "JOIN instances i ON i.sop_instance_uid = d.sop_instance_uid "
-            "WHERE d.destination = ? AND d.study_uid = ? AND d.state = ? ORDER BY i.received_at",
-            (self.destination, study.study_uid, PENDING),
+            "WHERE d.destination = ? AND d.study_uid = ? AND d.state = ? "
+            "AND coalesce(d.next_attempt, 0) <= ? ORDER BY i.received_at",
+            (self.destination, study.study_uid, PENDING, time.time()),
         )
         if not pending:
             return True

@@ -83,43 +83,60 @@ class ForwardWorker(threading.Thread):
 
     # -- scheduling ------------------------------------------------------------------------
 
-    def candidates(self) -> list[StudyWork]:
+    def candidates(self, now: float | None = None) -> list[StudyWork]:
+        """Studies with work for this destination, most urgent first. Instances waiting out
+        their own back-off (``next_attempt``) do not count as work until they are due."""
+        now = time.time() if now is None else now
         rows = self.state.query(
             "SELECT s.study_uid, s.priority, s.first_received, s.last_received, "
-            "sum(d.state IN (?, ?)) AS to_send, sum(d.state = ?) AS uploaded, "
-            "s.modality, s.body_part "
+            "sum(d.state IN (?, ?) AND coalesce(d.next_attempt, 0) <= ?) AS to_send, "
+            "sum(d.state = ?) AS uploaded, s.modality, s.body_part "
             "FROM deliveries d JOIN studies s ON s.study_uid = d.study_uid "
             "WHERE d.destination = ? AND d.state IN (?, ?, ?) "
             "GROUP BY s.study_uid ORDER BY s.priority, s.first_received",
-            (PENDING, BUNDLED, UPLOADED, self.destination, PENDING, BUNDLED, UPLOADED),
+            (PENDING, BUNDLED, now, UPLOADED, self.destination, PENDING, BUNDLED, UPLOADED),
         )
         return [StudyWork(*r) for r in rows]
+
+    def next_due(self) -> float | None:
+        """When the earliest instance waiting out its back-off becomes due."""
+        due = self.state.scalar(
+            "SELECT min(next_attempt) FROM deliveries WHERE destination = ? AND state = ?",
+            (self.destination, PENDING),
+        )
+        return float(due) if due is not None else None
 
     def next_work(self, now: float) -> tuple[StudyWork | None, float]:
         """The study to act on now, and otherwise how long until one becomes complete."""
         wait = 5.0
         backlog = 0
         chosen: StudyWork | None = None
-        for work in self.candidates():
+        for work in self.candidates(now):
             backlog += work.to_send + work.uploaded
             if chosen is not None:
                 continue
             if work.to_send:
                 chosen = work
                 continue
+            if not work.uploaded:
+                continue  # only instances waiting out their back-off
             quiet_in = work.last_received + self.quiet_period_s - now
             if quiet_in <= 0:
                 chosen = work
             else:
                 wait = min(wait, quiet_in)
+        due = self.next_due()
+        if chosen is None and due is not None:
+            wait = min(wait, due - now)
         BACKLOG.labels(self.destination).set(backlog)
         return chosen, max(wait, 0.05)
 
     def more_urgent_waiting(self, priority: int) -> bool:
         row = self.state.query(
             "SELECT 1 FROM deliveries d JOIN studies s ON s.study_uid = d.study_uid "
-            "WHERE d.destination = ? AND d.state IN (?, ?) AND s.priority < ? LIMIT 1",
-            (self.destination, PENDING, BUNDLED, priority),
+            "WHERE d.destination = ? AND d.state IN (?, ?) AND s.priority < ? "
+            "AND coalesce(d.next_attempt, 0) <= ? LIMIT 1",
+            (self.destination, PENDING, BUNDLED, priority, time.time()),
         )
         return bool(row)
 

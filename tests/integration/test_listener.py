@@ -14,7 +14,12 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLSLossless,
+    generate_uid,
+)
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
@@ -233,3 +238,29 @@ def test_status_cli_lists_quarantine(gateway: InProcessGateway) -> None:
         timeout=60,
     )
     assert "Quarantine" in human.stdout and "missing UID" in human.stdout
+
+
+def test_transfer_syntax_is_chosen_from_our_order(gateway: InProcessGateway) -> None:
+    """Lossless compressed first, then Explicit VR: an instance arrives as it was made, even
+    when the sender lists Implicit VR first; unknown syntaxes are refused, private SOP classes
+    are accepted (as storescp --promiscuous)."""
+    private_sop = "1.3.6.1.4.1.9590.100.1.2.999"
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(
+        CTImageStorage, [ImplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGLSLossless]
+    )
+    ae.add_requested_context(
+        "1.2.840.10008.5.1.4.1.1.7", [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
+    )
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", ["1.2.3.4.999"])  # MR, bogus syntax
+    ae.add_requested_context(private_sop, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", gateway.port, ae_title=gateway.aet)
+    assert assoc.is_established
+    accepted = {
+        str(cx.abstract_syntax): str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
+    }
+    assoc.release()
+    assert accepted["1.2.840.10008.5.1.4.1.1.2"] == JPEGLSLossless
+    assert accepted["1.2.840.10008.5.1.4.1.1.7"] == ExplicitVRLittleEndian
+    assert "1.2.840.10008.5.1.4.1.1.4" not in accepted
+    assert accepted[private_sop] == ExplicitVRLittleEndian
