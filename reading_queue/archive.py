@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+import httpx
+
 from reading_queue import QueueError
 from telerad.config import HubSettings
 from telerad.fileio import ensure_dir, safe_name, write_atomic
@@ -89,6 +91,7 @@ class OrthancArchive:
                 "the orthanc archive needs the 'orthanc-api-client' package"
             ) from exc
         self.url = url
+        self._user, self._password = user, password or ""
         self._client = OrthancApiClient(url, user=user, pwd=password)
 
     def store(self, *, study_uid: str, series_uid: str, sop_instance_uid: str, data: bytes) -> str:
@@ -107,13 +110,18 @@ class OrthancArchive:
             raise ArchiveError(f"orthanc download of {ref} failed: {exc}") from exc
 
     def check(self) -> None:
+        """Distinguish "down" from "wrong credentials": the fixes differ."""
+        auth = (self._user, self._password) if self._user else None
         try:
-            if not self._client.is_alive():
-                raise ArchiveError(f"orthanc at {self.url} is not answering")
-        except ArchiveError:
-            raise
-        except Exception as exc:
-            raise ArchiveError(f"orthanc at {self.url}: {exc}") from exc
+            resp = httpx.get(f"{self.url.rstrip('/')}/system", auth=auth, timeout=5)
+        except httpx.HTTPError as exc:
+            raise ArchiveError(f"orthanc at {self.url} is not answering: {exc}") from exc
+        if resp.status_code in (401, 403):
+            raise ArchiveError(
+                f"orthanc at {self.url} rejected our credentials ({resp.status_code})"
+            )
+        if resp.status_code != 200:
+            raise ArchiveError(f"orthanc at {self.url} answered HTTP {resp.status_code}")
 
 
 _BACKENDS: dict[str, Callable[[HubSettings], Archive]] = {

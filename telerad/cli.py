@@ -266,6 +266,8 @@ def gateway_send(
         f"sent {report.sent} ({report.warnings} with warnings), failed {len(report.failed)}, "
         f"skipped {len(report.skipped)} non-DICOM files"
     )
+    for path, why in report.skipped:
+        console.print(f"  [yellow]skipped[/] {path}: {why}")
     for path, why in report.failed:
         console.print(f"  [red]failed[/] {path}: {why}")
     if report.failed:
