@@ -11,7 +11,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from dicom_gateway.forward.worker import ForwardWorker, StudyWork
 from dicom_gateway.priority import evaluate
@@ -243,3 +243,47 @@ def test_status_reports_receiving_then_queued(env: Env) -> None:
     status = gateway_status(state, 60, now + 61)
     assert status["studies"][0]["state"] == "committed"
     assert status["studies"][0]["sent_percent"] == 100.0 and status["backlog_bytes"] == 0
+
+
+# -- the C-STORE fast path ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "sop_instance", "syntax"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1"),
+        ("1.2.840.10008.5.1.4.1.1.1", "1.2.826.0.1.3680043.8.498.12345", "1.2.840.10008.1.2"),
+        ("1.3.6.1.4.1.9590.100.1.2.999", "2.25.1234567890123456789", "1.2.840.10008.1.2.4.80"),
+    ],
+)
+def test_hand_encoded_file_meta_equals_pydicom(
+    sop_class: str, sop_instance: str, syntax: str
+) -> None:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import create_file_meta
+
+    from dicom_gateway.scp import encode_file_meta
+
+    meta = DicomBytesIO()
+    write_file_meta_info(
+        meta,
+        create_file_meta(
+            sop_class_uid=UID(sop_class),
+            sop_instance_uid=UID(sop_instance),
+            transfer_syntax=UID(syntax),
+        ),
+        enforce_standard=True,
+    )
+    expected = b"\x00" * 128 + b"DICM" + meta.getvalue()
+    assert encode_file_meta(sop_class, sop_instance, syntax) == expected
+
+
+def test_pynetdicom_still_has_the_poll_delay_we_tune() -> None:
+    """``Listener.handle_established`` shortens a private pynetdicom attribute; if a new
+    pynetdicom renames it the tuning silently stops, so fail here instead."""
+    from pynetdicom.dul import DULServiceProvider
+
+    dul = DULServiceProvider.__new__(DULServiceProvider)
+    DULServiceProvider.__init__(dul, None)  # type: ignore[arg-type]
+    assert dul._run_loop_delay == 0.001
