@@ -58,7 +58,9 @@ class Spool:
     def absolute(self, relative: str) -> Path:
         return self.root / relative
 
-    def store(self, study_uid: str, sop_instance_uid: str, data: bytes | Sequence[bytes]) -> Path:
+    def store(
+        self, study_uid: str, sop_instance_uid: str, data: bytes | Sequence[bytes | memoryview]
+    ) -> Path:
         dst = self.instance_path(study_uid, sop_instance_uid)
         write_atomic(dst, data, self.tmp_dir)
         return dst
