@@ -46,6 +46,7 @@ class Spool:
         self.quarantine_dir = data_dir / "quarantine"
         self.outbox_dir = data_dir / "outbox"
         self.tmp_dir = data_dir / "tmp"
+        self._study_dirs: set[Path] = set()
         for d in (self.spool_dir, self.quarantine_dir, self.outbox_dir, self.tmp_dir):
             ensure_dir(d)
 
@@ -62,7 +63,14 @@ class Spool:
         self, study_uid: str, sop_instance_uid: str, data: bytes | Sequence[bytes | memoryview]
     ) -> Path:
         dst = self.instance_path(study_uid, sop_instance_uid)
+        if dst.parent in self._study_dirs:
+            try:
+                write_atomic(dst, data, self.tmp_dir, parent_exists=True)
+                return dst
+            except FileNotFoundError:  # the folder was removed by hand: create it again
+                self._study_dirs.discard(dst.parent)
         write_atomic(dst, data, self.tmp_dir)
+        self._study_dirs.add(dst.parent)
         return dst
 
     def quarantine(self, data: bytes, reason: str) -> Path:

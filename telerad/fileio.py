@@ -44,11 +44,17 @@ def ensure_dir(path: Path) -> None:
 
 
 def write_atomic(
-    dst: Path, data: bytes | memoryview | Sequence[bytes | memoryview], tmp_dir: Path
+    dst: Path,
+    data: bytes | memoryview | Sequence[bytes | memoryview],
+    tmp_dir: Path,
+    *,
+    parent_exists: bool = False,
 ) -> None:
     """Write ``data`` (one buffer, or several written in order without joining them) so that
-    ``dst`` holds all of it or nothing, durably."""
-    ensure_dir(dst.parent)
+    ``dst`` holds all of it or nothing, durably. ``parent_exists`` skips the directory check
+    for callers that already know (the C-STORE hot path)."""
+    if not parent_exists:
+        ensure_dir(dst.parent)
     tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
@@ -71,5 +77,9 @@ def write_atomic(
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
-    os.replace(tmp, dst)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(dst.parent)

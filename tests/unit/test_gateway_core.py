@@ -287,3 +287,14 @@ def test_pynetdicom_still_has_the_poll_delay_we_tune() -> None:
     dul = DULServiceProvider.__new__(DULServiceProvider)
     DULServiceProvider.__init__(dul, None)  # type: ignore[arg-type]
     assert dul._run_loop_delay == 0.001
+
+
+def test_spool_recreates_a_study_folder_removed_by_hand(tmp_path: Path) -> None:
+    import shutil
+
+    spool = Spool(tmp_path)
+    first = spool.store("1.2.3", "1.2.3.1", b"first")
+    shutil.rmtree(first.parent)
+    second = spool.store("1.2.3", "1.2.3.2", [b"sec", memoryview(b"ond")])
+    assert second.read_bytes() == b"second"
+    assert not list(spool.tmp_dir.iterdir())
