@@ -51,6 +51,8 @@ def _setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # One line per HTTP request drowns what a person wants to see; -v shows them.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _use_config(config: Path | None) -> None:
