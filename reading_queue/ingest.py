@@ -60,6 +60,15 @@ class UploadBusy(QueueError):
     pass
 
 
+class UploadClosed(QueueError):
+    """A PATCH at the right offset for an upload that is already processed (or failed): a
+    retry of a request whose answer was lost. Nothing to append; report the final state."""
+
+    def __init__(self, upload: Upload) -> None:
+        super().__init__(f"upload {upload.id} is {upload.state}")
+        self.upload = upload
+
+
 class BundleRejected(QueueError):
     """The bundle's content failed verification; the sender must re-pack it."""
 
@@ -115,6 +124,7 @@ class IngestService:
         self.tmp_dir = data_dir / "tmp"
         for d in (self.uploads_dir, self.quarantine_dir, self.tmp_dir):
             ensure_dir(d)
+        self._remove_finished_upload_files()
         self._upload_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._process_lock = threading.Lock()
@@ -245,6 +255,21 @@ class IngestService:
                 raise UnknownUpload(upload_id)
             return upload
 
+    def _remove_finished_upload_files(self) -> None:
+        """Remove upload files the hub no longer needs: a crash between unpacking a bundle and
+        deleting its file leaves one behind. Safe beside a running hub: a processed or failed
+        upload's file is never read again, and a receiving upload's file is kept."""
+        files = {p.stem: p for p in self.uploads_dir.glob("*.bundle")}
+        if not files:
+            return
+        with self.session() as s:
+            open_ids = set(s.scalars(select(Upload.id).where(Upload.state == "receiving")))
+        stale = [p for uid, p in files.items() if uid not in open_ids]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            logger.warning("removed %d upload files of finished uploads", len(stale))
+
     def _path(self, upload_id: str) -> Path:
         return self.uploads_dir / f"{upload_id}.bundle"
 
@@ -263,6 +288,10 @@ class IngestService:
             upload = self.get_upload(station, upload_id)
             if offset != upload.offset:
                 raise OffsetMismatch(upload.offset)
+            if upload.state != "receiving":
+                # Never re-create the file of a finished upload: it was unpacked and removed
+                # (ftruncate would leave a file of zeros behind for good).
+                raise UploadClosed(upload)
             fd = os.open(self._path(upload_id), os.O_WRONLY | os.O_CREAT, 0o640)
             # Bytes past the recorded offset were never confirmed: drop them.
             os.ftruncate(fd, upload.offset)

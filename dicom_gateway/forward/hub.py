@@ -351,6 +351,25 @@ class HubTransport:
                     },
                     content=body(),
                 )
+            except TransportError:
+                # A link that drops connections every few seconds breaks long PATCHes, but
+                # the hub keeps every byte that arrived. When this attempt moved the hub's
+                # offset on, the link works: resume now. Raising would count as a failure,
+                # and the worker's back-off, doubling with consecutive failures up to
+                # retry_max_s, would throttle a working link to a crawl. No progress (or the
+                # HEAD fails too): raise, and the worker backs off as before.
+                head = self._head(url) if sent else None
+                if head is None or head[0] <= offset:
+                    raise
+                logger.info(
+                    "bundle %d of %s: connection broke at %d/%d; resuming",
+                    bundle.id,
+                    bundle.study_uid,
+                    head[0],
+                    bundle.length,
+                )
+                offset, upstate = head
+                continue
             finally:
                 self._record_sent(bundle, sent, time.monotonic() - started)
             if resp.status_code == 460:

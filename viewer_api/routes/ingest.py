@@ -24,6 +24,7 @@ from reading_queue.ingest import (
     StudyMeta,
     UnknownUpload,
     UploadBusy,
+    UploadClosed,
 )
 from viewer_api.deps import IngestDep, StationDep
 
@@ -195,6 +196,15 @@ async def patch_upload(
         raise HTTPException(409, str(exc), headers=_tus_headers()) from None
     except UploadBusy:
         raise HTTPException(423, "upload busy; retry", headers=_tus_headers()) from None
+    except UploadClosed as exc:
+        # A retried request whose answer was lost: the upload is complete, say so.
+        done = exc.upload
+        return Response(
+            status_code=204,
+            headers=_tus_headers(
+                **{"Upload-Offset": str(done.offset), "Telerad-Upload-State": done.state}
+            ),
+        )
     room = upload.length - upload.offset
     written = 0
     too_long = False
