@@ -463,7 +463,13 @@ class Listener:
                 calling_aet=calling_aet,
                 priority=int(priority),
             )
-            self.state.record_instance(rec, info, self.destinations)
+            if not self.state.record_instance(rec, info, self.destinations):
+                # Under this UID's lock nobody else can have recorded it: never answer
+                # Success for an instance whose row we cannot vouch for.
+                held = self.state.get_instance(sop_uid)
+                if held is None or held.sha256 != sha:
+                    logger.error("instance %s was not recorded; refusing", sop_uid)
+                    return StoreOutcome(OUT_OF_RESOURCES_UNEXPECTED, sop_uid, "not recorded")
         INSTANCES.labels("stored").inc()
         BYTES.inc(size)
         if self.on_stored is not None:

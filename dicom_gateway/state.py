@@ -105,6 +105,9 @@ CREATE TABLE IF NOT EXISTS links (
 );
 """
 
+#: Bumped with every schema change; ``StateDB._migrate`` brings older databases forward.
+SCHEMA_VERSION = 1
+
 #: Delivery states, per destination and instance, in the order they are reached.
 PENDING = "pending"  # durable in the spool, nothing sent yet
 BUNDLED = "bundled"  # packed into a bundle that is being uploaded
@@ -177,7 +180,29 @@ class StateDB:
             # without a row, so nothing acknowledged is lost. This saves one fsync per C-STORE.
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA foreign_keys=ON")
-            self._conn.executescript(SCHEMA)
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring any earlier database to ``SCHEMA_VERSION`` (``PRAGMA user_version``).
+
+        A station's spool may hold days of unsent studies when telerad is upgraded, so the
+        state is migrated in place, never recreated. Each step is idempotent.
+        """
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise GatewayError(
+                f"{self.path} has schema {version}, newer than this telerad ({SCHEMA_VERSION})"
+            )
+        self._conn.executescript(SCHEMA)  # creates what is missing (new databases)
+        columns = {
+            table: {r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")}
+            for table in ("instances", "deliveries")
+        }
+        if "dataset_sha256" in columns["instances"]:  # v0 (first release candidate)
+            self._conn.execute("ALTER TABLE instances DROP COLUMN dataset_sha256")
+        if "next_attempt" not in columns["deliveries"]:
+            self._conn.execute("ALTER TABLE deliveries ADD COLUMN next_attempt REAL")
+        self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         with self._lock:
@@ -228,9 +253,12 @@ class StateDB:
         now = rec.received_at
         with self.transaction() as db:
             cur = db.execute(
-                "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_uid, "
+                # ON CONFLICT, not OR IGNORE: only "already recorded" is ignored; any other
+                # constraint failure must raise, never end as a Success without a row.
+                "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, "
                 "series_uid, transfer_syntax, path, size, sha256, calling_aet, "
-                "received_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "received_at) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(sop_instance_uid) DO NOTHING",
                 (
                     rec.sop_instance_uid,
                     rec.sop_class_uid,
@@ -270,8 +298,9 @@ class StateDB:
                 ),
             )
             db.executemany(
-                "INSERT OR IGNORE INTO deliveries (destination, sop_instance_uid, study_uid, "
-                "state, updated_at) VALUES (?,?,?,?,?)",
+                "INSERT INTO deliveries (destination, sop_instance_uid, study_uid, "
+                "state, updated_at) VALUES (?,?,?,?,?) "
+                "ON CONFLICT(destination, sop_instance_uid) DO NOTHING",
                 [(d, rec.sop_instance_uid, rec.study_uid, PENDING, now) for d in destinations],
             )
             return True
@@ -282,9 +311,10 @@ class StateDB:
         with self.transaction() as db:
             for dest in destinations:
                 cur = db.execute(
-                    "INSERT OR IGNORE INTO deliveries (destination, sop_instance_uid, study_uid, "
+                    "INSERT INTO deliveries (destination, sop_instance_uid, study_uid, "
                     "state, updated_at) SELECT ?, sop_instance_uid, study_uid, ?, ? "
-                    "FROM instances WHERE deleted_at IS NULL",
+                    "FROM instances WHERE deleted_at IS NULL "
+                    "ON CONFLICT(destination, sop_instance_uid) DO NOTHING",
                     (dest, PENDING, time.time()),
                 )
                 added += cur.rowcount

@@ -298,3 +298,41 @@ def test_spool_recreates_a_study_folder_removed_by_hand(tmp_path: Path) -> None:
     second = spool.store("1.2.3", "1.2.3.2", [b"sec", memoryview(b"ond")])
     assert second.read_bytes() == b"second"
     assert not list(spool.tmp_dir.iterdir())
+
+
+def test_state_database_from_the_first_schema_is_migrated(tmp_path: Path) -> None:
+    """A station upgraded with unsent studies in its spool keeps them, and new instances are
+    recorded (the first schema had a NOT NULL column the code no longer fills)."""
+    import sqlite3
+
+    db_path = tmp_path / "gateway.sqlite3"
+    old = sqlite3.connect(db_path)
+    old.executescript(
+        """
+        CREATE TABLE instances (sop_instance_uid TEXT PRIMARY KEY, sop_class_uid TEXT NOT NULL,
+            study_uid TEXT NOT NULL, series_uid TEXT NOT NULL, transfer_syntax TEXT NOT NULL,
+            path TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL,
+            dataset_sha256 TEXT NOT NULL, calling_aet TEXT NOT NULL, received_at REAL NOT NULL,
+            deleted_at REAL);
+        CREATE TABLE deliveries (destination TEXT NOT NULL, sop_instance_uid TEXT NOT NULL,
+            study_uid TEXT NOT NULL, state TEXT NOT NULL, bundle_id INTEGER,
+            attempts INTEGER NOT NULL DEFAULT 0, last_status TEXT NOT NULL DEFAULT '',
+            updated_at REAL NOT NULL, PRIMARY KEY (destination, sop_instance_uid));
+        INSERT INTO instances VALUES ('1.2.3.1', '1.2.840.10008.5.1.4.1.1.2', '1.2.3', '1.2.3.0',
+            '1.2.840.10008.1.2.1', 'spool/1.2.3/1.2.3.1.dcm', 10, 'aa', 'bb', 'CT01', 1.0, NULL);
+        INSERT INTO deliveries VALUES ('hub', '1.2.3.1', '1.2.3', 'pending', NULL, 0, '', 1.0);
+        """
+    )
+    old.commit()
+    old.close()
+    state = StateDB(db_path)
+    assert state.scalar("PRAGMA user_version") == 1
+    assert state.get_instance("1.2.3.1") is not None
+    assert state.scalar("SELECT next_attempt FROM deliveries") is None
+    settings = GatewaySettings(data_dir=tmp_path, disk_reserve_mb=1)
+    listener = Listener(settings, Spool(tmp_path), state, ["hub"])
+    assert listener.store(_ct(), calling_aet="CT01").status == SUCCESS
+    assert state.scalar("SELECT count(*) FROM instances") == 2
+    assert state.scalar("SELECT count(*) FROM deliveries WHERE state = 'pending'") == 2
+    state.close()
+    assert StateDB(db_path).scalar("SELECT count(*) FROM instances") == 2  # idempotent
