@@ -49,8 +49,15 @@ class FilesystemArchive:
         self.root = root
         self.tmp = root / ".tmp"
         ensure_dir(self.tmp)
+
+    def clean_temporaries(self) -> int:
+        """Only when the hub starts: a CLI command opening the archive beside a running hub
+        must not delete the files it is writing."""
+        removed = 0
         for leftover in self.tmp.iterdir():
             leftover.unlink(missing_ok=True)
+            removed += 1
+        return removed
 
     def store(self, *, study_uid: str, series_uid: str, sop_instance_uid: str, data: bytes) -> str:
         rel = (

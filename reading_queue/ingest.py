@@ -124,7 +124,6 @@ class IngestService:
         self.tmp_dir = data_dir / "tmp"
         for d in (self.uploads_dir, self.quarantine_dir, self.tmp_dir):
             ensure_dir(d)
-        self._remove_finished_upload_files()
         self._upload_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._process_lock = threading.Lock()
@@ -254,6 +253,16 @@ class IngestService:
             if upload is None or upload.station_id != self._station_id(s, station):
                 raise UnknownUpload(upload_id)
             return upload
+
+    def recover(self) -> None:
+        """At hub start only (never from a CLI command beside a running hub): remove what a
+        crash left half-written, and files of uploads already unpacked."""
+        for leftover in self.tmp_dir.iterdir():
+            leftover.unlink(missing_ok=True)
+        clean = getattr(self.archive, "clean_temporaries", None)
+        if clean is not None:
+            clean()
+        self._remove_finished_upload_files()
 
     def _remove_finished_upload_files(self) -> None:
         """Remove upload files the hub no longer needs: a crash between unpacking a bundle and

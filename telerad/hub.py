@@ -55,6 +55,7 @@ class Hub:
         self._thread: threading.Thread | None = None
 
     def start_dicom(self) -> None:
+        self.ingest.recover()
         recover(self.spool, self.state, self.settings)
         self.state.ensure_deliveries(["archive"])
         if self.settings.dicom_port >= 0:

@@ -145,10 +145,15 @@ class ForwardWorker(threading.Thread):
     def run(self) -> None:
         logger.info("forwarder for %s started", self.destination)
         while not self.stopping.is_set():
+            before = self._progress_marker()
             try:
                 progressed = self.step()
             except TransportError as exc:
                 FAILURES.labels(self.destination).inc()
+                if self._progress_marker() != before:
+                    # It moved before it failed: a flaky link, not a dead one. Back-off
+                    # growing over such failures once left an hour-long idle link.
+                    self._failures = 0
                 self._failures += 1
                 delay = min(self.retry_max_s, self.retry_base_s * 2 ** min(self._failures, 16))
                 delay = delay * (0.5 + random.random() / 2)  # jitter: stations don't stampede
@@ -171,6 +176,15 @@ class ForwardWorker(threading.Thread):
             if not progressed:
                 continue
         logger.info("forwarder for %s stopped", self.destination)
+
+    def _progress_marker(self) -> tuple[int, int]:
+        """Changes whenever anything moved: instances delivered, or bundle bytes accepted."""
+        row = self.state.query(
+            "SELECT (SELECT count(*) FROM deliveries WHERE destination = ? AND state != ?), "
+            "(SELECT coalesce(sum(offset), 0) FROM bundles WHERE destination = ?)",
+            (self.destination, PENDING, self.destination),
+        )[0]
+        return int(row[0]), int(row[1])
 
     def step(self) -> bool:
         """Do one unit of work; returns after waiting when there was nothing to do."""

@@ -207,7 +207,12 @@ class HubProcess(_Process):
     ) -> None:
         self.http_port = http_port or free_port()
         self.dicom_port = dicom_port or free_port()
-        base = {"TELERAD_QUIET_PERIOD_S": "1", "TELERAD_DISK_RESERVE_MB": "1"}
+        base = {
+            "TELERAD_QUIET_PERIOD_S": "1",
+            "TELERAD_DISK_RESERVE_MB": "1",
+            "TELERAD_HTTP_HOST": "127.0.0.1",
+            "TELERAD_DICOM_HOST": "127.0.0.1",
+        }
         base.update(env or {})
         super().__init__(
             data_dir,
