@@ -226,7 +226,7 @@ class IngestService:
                     Upload.station_id == sid, Upload.bundle_sha256 == bundle_sha256
                 )
             )
-            if existing is not None and existing.state != "failed":
+            if existing is not None and existing.state not in ("failed", "expired"):
                 return existing
             if existing is not None:
                 s.delete(existing)
@@ -263,6 +263,25 @@ class IngestService:
         if clean is not None:
             clean()
         self._remove_finished_upload_files()
+
+    def expire_uploads(self, max_age_s: float, now: float | None = None) -> int:
+        """Give up uploads nobody resumed for ``max_age_s`` (a station re-installed, a bundle
+        re-packed elsewhere): their partial bytes would otherwise stay on disk for ever. A
+        gateway that comes back gets 410 and uploads the bundle again."""
+        cutoff = (time.time() if now is None else now) - max_age_s
+        with self.session.begin() as s:
+            stale = list(
+                s.scalars(
+                    select(Upload).where(Upload.state == "receiving", Upload.updated_at < cutoff)
+                )
+            )
+            for upload in stale:
+                upload.state = "expired"
+        for upload in stale:
+            self._path(upload.id).unlink(missing_ok=True)
+        if stale:
+            logger.warning("expired %d uploads idle for more than %.0f s", len(stale), max_age_s)
+        return len(stale)
 
     def _remove_finished_upload_files(self) -> None:
         """Remove upload files the hub no longer needs: a crash between unpacking a bundle and

@@ -173,6 +173,8 @@ class HubSettings(ListenerSettings):
     orthanc_password: str | None = None
     #: SQLAlchemy URL; SQLite under ``data_dir`` when unset.
     database_url: str | None = None
+    #: Partial uploads nobody resumed for this long are dropped (the gateway re-uploads).
+    upload_expiry_s: float = 7 * 24 * 3600.0
     #: Serve the upload protocol over HTTPS with this certificate and key.
     https_cert: Path | None = None
     https_key: Path | None = None

@@ -53,9 +53,12 @@ class Hub:
         )
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     def start_dicom(self) -> None:
         self.ingest.recover()
+        self.ingest.expire_uploads(self.settings.upload_expiry_s)
+        threading.Thread(target=self._housekeeping, daemon=True, name="hub-housekeeping").start()
         recover(self.spool, self.state, self.settings)
         self.state.ensure_deliveries(["archive"])
         if self.settings.dicom_port >= 0:
@@ -78,6 +81,13 @@ class Hub:
         self._thread = threading.Thread(target=self._server.run, daemon=True, name="hub-http")
         self._thread.start()
 
+    def _housekeeping(self) -> None:
+        while not self._stopping.wait(3600.0):
+            try:
+                self.ingest.expire_uploads(self.settings.upload_expiry_s)
+            except Exception:
+                logger.exception("upload expiry failed")
+
     @property
     def http_port(self) -> int:
         assert self._server is not None
@@ -91,6 +101,7 @@ class Hub:
         return self._server is not None and self._server.started
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._server is not None:
             self._server.should_exit = True
             if self._thread:

@@ -340,6 +340,10 @@ class HubTransport:
         while upstate != "processed":
             if upstate == "failed":
                 return self._discard(bundle, "hub marked the upload failed")
+            if upstate == "expired":
+                with self.state.transaction() as db:
+                    db.execute("UPDATE bundles SET upload_url = NULL WHERE id = ?", (bundle.id,))
+                raise TransportError("upload expired at the hub; creating it again")
             started = time.monotonic()
             sent = 0
 

@@ -170,3 +170,37 @@ def test_cli_help_documents_every_command() -> None:
         out = _cli(group, "--help").stdout
         for command in commands:
             assert command in out, f"telerad {group} --help lacks {command}"
+
+
+def test_abandoned_uploads_expire_and_can_be_created_again(tmp_path: Path) -> None:
+    import base64
+    import time
+
+    with InProcessHub(tmp_path / "hub") as hub:
+        token = hub.add_station("tram-expiry")
+        auth = {"Authorization": f"Bearer {token}", "Tus-Resumable": "1.0.0"}
+        meta = ",".join(
+            f"{k} {base64.b64encode(v.encode()).decode()}"
+            for k, v in {"study_uid": "1.2.3", "bundle_sha256": "ab" * 32}.items()
+        )
+        create = {**auth, "Upload-Length": "100", "Upload-Metadata": meta}
+        first = httpx.post(f"{hub.url}/api/v1/ingest/uploads", headers=create)
+        assert first.status_code == 201
+        location = hub.url + first.headers["Location"]
+        patch = httpx.patch(
+            location,
+            content=b"x" * 10,
+            headers={
+                **auth,
+                "Upload-Offset": "0",
+                "Content-Type": "application/offset+octet-stream",
+            },
+        )
+        assert patch.status_code == 204 and patch.headers["Upload-Offset"] == "10"
+        assert hub.ingest.expire_uploads(3600) == 0  # still fresh
+        assert hub.ingest.expire_uploads(3600, now=time.time() + 7200) == 1
+        assert httpx.head(location, headers=auth).status_code == 410
+        assert not list((tmp_path / "hub" / "uploads").glob("*.bundle"))
+        again = httpx.post(f"{hub.url}/api/v1/ingest/uploads", headers=create)
+        assert again.status_code == 201 and again.headers["Upload-Offset"] == "0"
+        assert again.headers["Location"] != first.headers["Location"]

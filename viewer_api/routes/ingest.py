@@ -165,6 +165,8 @@ def head_upload(
         upload = ingest.get_upload(station, upload_id)
     except UnknownUpload:
         raise HTTPException(404, "no such upload") from None
+    if upload.state == "expired":
+        raise HTTPException(410, "upload expired; create it again", headers=_tus_headers())
     return Response(
         status_code=200,
         headers=_tus_headers(
