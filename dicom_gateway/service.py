@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -289,7 +290,9 @@ class Gateway:
         if settings.hub_url:
             if not settings.token:
                 raise ValueError("a hub URL needs a station token (telerad hub station add)")
-            verify: bool | str = str(settings.hub_ca) if settings.hub_ca else True
+            verify: bool | ssl.SSLContext = (
+                ssl.create_default_context(cafile=str(settings.hub_ca)) if settings.hub_ca else True
+            )
             self.transports.append(
                 HubTransport(
                     destination=HUB_DESTINATION,

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import socket
+import ssl
 import sys
 import time
 import uuid
@@ -76,7 +77,7 @@ class HubTransport:
         spool: Spool,
         bundle_max_bytes: int = 16 * 1024 * 1024,
         chunk_bytes: int = 256 * 1024,
-        verify: bool | str = True,
+        verify: bool | ssl.SSLContext = True,
         timeout_s: float = 60.0,
     ) -> None:
         self.destination = destination
