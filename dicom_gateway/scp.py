@@ -54,6 +54,7 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom import acse as _acse
+from pynetdicom import association as _association_module
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.presentation import negotiate_unrestricted as _pynetdicom_negotiate_unrestricted
@@ -141,6 +142,25 @@ def _install_negotiation() -> None:
     """Process-wide, like the ``UNRESTRICTED_STORAGE_SERVICE`` switch it refines."""
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     _acse.negotiate_unrestricted = negotiate_storage
+    _association_module.time = _ShortSleeps()  # type: ignore[assignment]
+
+
+class _ShortSleeps:
+    """``time`` as pynetdicom's association module sees it, with sleeps capped.
+
+    Its reactor sleeps a hard-coded 1 ms before it looks for each decoded message, so every
+    C-STORE waits ~0.5-1 ms for nothing; with storescu waiting for each answer that was ~15%
+    of a 121-instance push (measured in-process: medians 0.58-0.64 s -> 0.45-0.57 s). The cost
+    is more wake-ups while an association is open (ASSOCIATION_POLL_S); idle stations have
+    no associations open.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(min(seconds, ASSOCIATION_POLL_S))
 
 
 #: Bytes of the dataset parsed for the header; the rest (pixel data) is never parsed.
@@ -150,6 +170,8 @@ _HEADER_PROBE = 256 * 1024
 #: pynetdicom's DUL polls its socket every 1 ms when idle; 0.2 ms cuts ~0.1 s off a 121-instance
 #: push (benchmarks/ingest.py) for ~3% of a core per idle association.
 DUL_POLL_S = 0.0002
+#: The same for pynetdicom's association reactor (see ``_ShortSleeps``).
+ASSOCIATION_POLL_S = 0.0002
 
 
 def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:

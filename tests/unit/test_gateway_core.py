@@ -336,3 +336,25 @@ def test_state_database_from_the_first_schema_is_migrated(tmp_path: Path) -> Non
     assert state.scalar("SELECT count(*) FROM deliveries WHERE state = 'pending'") == 2
     state.close()
     assert StateDB(db_path).scalar("SELECT count(*) FROM instances") == 2  # idempotent
+
+
+def test_pynetdicom_reactor_still_sleeps_through_its_time_module(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``_ShortSleeps`` caps the association reactor's hard-coded ``time.sleep(0.001)`` by
+    replacing the ``time`` its module sees; if pynetdicom changes how it waits, the tuning
+    silently stops: fail here instead."""
+    import inspect
+
+    import pynetdicom.association as association
+
+    from dicom_gateway.scp import ASSOCIATION_POLL_S, _install_negotiation
+
+    assert "time.sleep(0.001)" in inspect.getsource(association.Association._run_reactor)
+    _install_negotiation()
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    association.time.sleep(0.001)
+    association.time.sleep(0.0001)
+    assert slept == [ASSOCIATION_POLL_S, 0.0001] and ASSOCIATION_POLL_S < 0.001
+    assert association.time.monotonic() > 0  # everything else passes through
