@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import socket
 import subprocess
@@ -23,7 +24,13 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from dicom_gateway.scp import CANNOT_UNDERSTAND, CONFLICT, MISSING_UIDS, OUT_OF_RESOURCES
+from dicom_gateway.scp import (
+    CANNOT_UNDERSTAND,
+    CONFLICT,
+    MISSING_UIDS,
+    OUT_OF_RESOURCES,
+    UID_MISMATCH,
+)
 from tests.support.peers import dcmtk_available, echoscu
 from tests.support.telerad_procs import InProcessGateway
 
@@ -264,3 +271,28 @@ def test_transfer_syntax_is_chosen_from_our_order(gateway: InProcessGateway) -> 
     assert accepted["1.2.840.10008.5.1.4.1.1.7"] == ExplicitVRLittleEndian
     assert "1.2.840.10008.5.1.4.1.1.4" not in accepted
     assert accepted[private_sop] == ExplicitVRLittleEndian
+
+
+def test_dataset_uid_disagreeing_with_the_command_is_quarantined(
+    gateway: InProcessGateway, tmp_path: Path
+) -> None:
+    """pynetdicom takes the command's Affected SOP Instance UID from the file meta when it
+    sends a file as it is; a file whose meta and dataset disagree produces the mismatch."""
+    ds = _ct()
+    dataset_uid = str(ds.SOPInstanceUID)
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    raw = buf.getvalue()
+    meta_len = int(
+        dcmread(BytesIO(raw), stop_before_pixels=True).file_meta.FileMetaInformationGroupLength
+    )
+    command_uid = generate_uid()
+    lying = copy.deepcopy(ds)
+    lying.SOPInstanceUID = command_uid
+    lying.file_meta.MediaStorageSOPInstanceUID = command_uid
+    path = _file_with_body(tmp_path, lying, raw[128 + 4 + 12 + meta_len :])
+    assert _send_raw_file(gateway, path) == UID_MISMATCH
+    rows = gateway.state.query("SELECT status, sop_instance_uid, reason FROM quarantine")
+    assert [(r[0], r[1]) for r in rows] == [(UID_MISMATCH, dataset_uid)]
+    assert command_uid in rows[0][2]
+    assert gateway.state.get_instance(dataset_uid) is None
