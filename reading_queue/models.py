@@ -128,5 +128,7 @@ def make_engine(url: str) -> Engine:
 
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    Base.metadata.create_all(engine)
+    from reading_queue.migrations import upgrade_database
+
+    upgrade_database(engine)
     return engine
