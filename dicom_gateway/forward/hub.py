@@ -36,6 +36,11 @@ from telerad.wire import BundleEntry, write_bundle
 logger = logging.getLogger(__name__)
 
 TUS = {"Tus-Resumable": "1.0.0"}
+#: The columns of ``state.Bundle``, in its field order.
+_BUNDLE_COLUMNS = (
+    "id, destination, study_uid, path, length, raw_bytes, count, sha256, upload_url, offset, "
+    "bytes_sent"
+)
 
 
 #: Unsent bytes the kernel may queue on the hub connection. Without a bound the send buffer
@@ -214,8 +219,7 @@ class HubTransport:
 
     def _open_bundles(self, study_uid: str) -> list[Bundle]:
         rows = self.state.query(
-            "SELECT id, destination, study_uid, path, length, raw_bytes, count, sha256, "
-            "upload_url, offset, bytes_sent FROM bundles WHERE destination = ? AND study_uid = ? "
+            f"SELECT {_BUNDLE_COLUMNS} FROM bundles WHERE destination = ? AND study_uid = ? "
             "ORDER BY id",
             (self.destination, study_uid),
         )
@@ -294,8 +298,7 @@ class HubTransport:
 
     def _open_bundle(self, bundle_id: int) -> Bundle:
         rows = self.state.query(
-            "SELECT id, destination, study_uid, path, length, raw_bytes, count, sha256, "
-            "upload_url, offset, bytes_sent FROM bundles WHERE id = ?",
+            f"SELECT {_BUNDLE_COLUMNS} FROM bundles WHERE id = ?",
             (bundle_id,),
         )
         return Bundle(*rows[0])
