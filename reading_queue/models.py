@@ -1,19 +1,26 @@
-"""Hub tables (SQLAlchemy 2.0). The reading-queue issue extends these with the worklist."""
+"""Hub tables (SQLAlchemy 2.0): ingest (stations, uploads, instances) and the reading worklist.
+
+Times are epoch seconds (float) throughout, like the gateway's state database. Patient
+identity lives in ``studies`` only, for matching priors and stickiness; it is never logged.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -31,6 +38,17 @@ class Station(Base):
     token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[float] = mapped_column(Float)
     active: Mapped[bool] = mapped_column(default=True)
+    institution: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    #: ISO 3166 country or subdivision (``VN``, ``VN-HN``, ``KH-12``): who may read its studies
+    jurisdiction: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    #: ISO 639-1 language its reports are written in
+    language: Mapped[str] = mapped_column(String(8), default="", server_default="")
+    preferred: Mapped[list[str]] = mapped_column(JSON, default=list)
+    excluded: Mapped[list[str]] = mapped_column(JSON, default=list)
+    #: contract SLAs in minutes per priority name, overriding the hub policy
+    sla_minutes: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    #: hospital PACS that receive its reports: [{name, aet, host, port}]
+    pacs: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
 
 
 class Upload(Base):
@@ -106,6 +124,128 @@ class HubConflict(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[float] = mapped_column(Float)
+
+
+# -- reading worklist ------------------------------------------------------------------------
+
+
+class Radiologist(Base):
+    __tablename__ = "radiologists"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(128), default="")
+    modalities: Mapped[list[str]] = mapped_column(JSON, default=list)
+    subspecialties: Mapped[list[str]] = mapped_column(JSON, default=list)
+    licences: Mapped[list[str]] = mapped_column(JSON, default=list)
+    languages: Mapped[list[str]] = mapped_column(JSON, default=list)
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    #: [{days, start, end, on_call}] as in the roster file
+    shifts: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    max_concurrent: Mapped[int] = mapped_column(Integer, default=4)
+    rvu_per_hour: Mapped[float] = mapped_column(Float, default=8.0)
+    active: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Study(Base):
+    """A study on the worklist; ``state`` follows engine.StudyState, changed only by
+    ``UPDATE ... WHERE state = :expected`` (see worklist.py)."""
+
+    __tablename__ = "studies"
+    __table_args__ = (
+        Index("ix_studies_state_deadline", "state", "deadline"),
+        Index("ix_studies_assignee_state", "assignee", "state"),
+    )
+    study_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    accession: Mapped[str] = mapped_column(String(64), default="")
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    body_part: Mapped[str] = mapped_column(String(64), default="")
+    description: Mapped[str] = mapped_column(String(128), default="")
+    subspecialty: Mapped[str] = mapped_column(String(32), default="")
+    rvu: Mapped[float] = mapped_column(Float, default=0.0)
+    station: Mapped[str] = mapped_column(String(64), default="")
+    institution: Mapped[str] = mapped_column(String(128), default="")
+    jurisdiction: Mapped[str] = mapped_column(String(16), default="")
+    language: Mapped[str] = mapped_column(String(8), default="")
+    priority: Mapped[int] = mapped_column(Integer, default=2)
+    received_at: Mapped[float] = mapped_column(Float)
+    deadline: Mapped[float] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(String(16), default="received")
+    assignee: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    assigned_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reported_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    escalated_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    #: set when a follow-up commit added instances after the study was handed out
+    late_instances: Mapped[int] = mapped_column(Integer, default=0)
+    merged_into: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: patient identity (PHI): for priors and stickiness, never logged
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str] = mapped_column(String(192), default="")
+    patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
+    #: sha256 of issuer + patient ID: what the engine sees
+    patient_key: Mapped[str] = mapped_column(String(64), default="", index=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Assignment(Base):
+    """Who held a study when; at most one open (``ended_at IS NULL``) per study."""
+
+    __tablename__ = "assignments"
+    __table_args__ = (
+        Index(
+            "ux_assignments_open",
+            "study_uid",
+            unique=True,
+            sqlite_where=text("ended_at IS NULL"),
+            postgresql_where=text("ended_at IS NULL"),
+        ),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    radiologist: Mapped[str] = mapped_column(String(64), index=True)
+    #: push | pull | manual
+    mode: Mapped[str] = mapped_column(String(8))
+    reasons: Mapped[list[str]] = mapped_column(JSON, default=list)
+    assigned_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: reported | lease_expired | shift_end | released | reassigned | cancelled | ...
+    end_reason: Mapped[str] = mapped_column(String(32), default="")
+
+
+class WorklistEvent(Base):
+    """Append-only history of every transition (database triggers refuse UPDATE/DELETE)."""
+
+    __tablename__ = "worklist_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    from_state: Mapped[str] = mapped_column(String(16), default="")
+    to_state: Mapped[str] = mapped_column(String(16), default="")
+    radiologist: Mapped[str] = mapped_column(String(64), default="")
+    #: who did it: ``engine``, ``radiologist:<key>``, ``admin:<name>``
+    actor: Mapped[str] = mapped_column(String(64), default="")
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class WebhookDelivery(Base):
+    """Outbox of webhook posts (escalations): written with the event, delivered until 2xx."""
+
+    __tablename__ = "webhook_deliveries"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("worklist_events.id"))
+    url: Mapped[str] = mapped_column(String(512))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float, index=True)
+    delivered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
 
 
 def make_engine(url: str) -> Engine:

@@ -5,13 +5,18 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect
 
+from reading_queue.migrations import _config
 from reading_queue.models import Base, make_engine
 from telerad.config import HubSettings
 from telerad.hub import open_ingest
+
+HEAD = ScriptDirectory.from_config(_config(None)).get_current_head()
 
 
 def test_migrations_build_exactly_the_models(tmp_path: Path) -> None:
@@ -26,7 +31,9 @@ def test_migrations_build_exactly_the_models(tmp_path: Path) -> None:
 def test_database_from_before_migrations_is_stamped_and_kept(tmp_path: Path) -> None:
     db = tmp_path / "hub.sqlite3"
     legacy = create_engine(f"sqlite:///{db}")
-    Base.metadata.create_all(legacy)  # how hubs created their tables before migrations
+    with legacy.begin() as conn:  # the schema hubs had before migrations: the baseline's
+        command.upgrade(_config(conn), "0001")
+        conn.exec_driver_sql("DROP TABLE alembic_version")
     legacy.dispose()
     with sqlite3.connect(db) as conn:
         conn.execute(
@@ -36,4 +43,4 @@ def test_database_from_before_migrations_is_stamped_and_kept(tmp_path: Path) -> 
     ingest = open_ingest(HubSettings(data_dir=tmp_path))
     assert [s.name for s in ingest.list_stations()] == ["tram-old"]
     with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0001",)
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == (HEAD,)

@@ -1,0 +1,616 @@
+"""The assignment engine: who reads what next, and why.
+
+Pure and deterministic: plain data in (``now``, the open studies, the readers with their
+current load, the policy), decisions out, each carrying its reasons. No clock reads, no I/O:
+the same input always gives the same plan, which is what lets the simulator, the property
+tests and the database-backed worklist share it.
+
+Order. Studies are read by deadline slack within priority classes. A study whose remaining
+slack is shorter than a more urgent class's whole SLA is promoted into that class (ageing),
+so a ROUTINE study climbs to URGENT and then STAT as its deadline nears and is never starved.
+
+Choice. Among the eligible readers with capacity, a study goes to the reader who would finish
+it soonest (projected RVU-weighted work ahead of it, since readers work their own list by
+urgency), plus a fairness term for recent work, minus a bonus for the station's preferred
+readers. A patient's new study goes to the reader of their open/recent study ("sticky") when
+that reader is eligible and would still meet the deadline.
+
+Leases. An assignment lapses at ``lease_expires_at`` unless renewed; an assigned study that
+was not opened goes back to the pool when its reader's shift ends, they are deactivated or
+their capacity drops. A study close to its deadline is escalated once and moved to a free
+eligible reader when its current reader would miss the deadline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, time, timedelta
+from enum import StrEnum
+from functools import lru_cache
+from zoneinfo import ZoneInfo
+
+from reading_queue.policy import QueuePolicy
+from telerad.config import Priority
+
+__all__ = [
+    "Decision",
+    "DecisionKind",
+    "Plan",
+    "QueuedStudy",
+    "Reader",
+    "Shift",
+    "ShiftStatus",
+    "StudyState",
+    "gini",
+    "ineligibility",
+    "licence_covers",
+    "next_for",
+    "plan",
+    "shift_status",
+    "urgency_key",
+]
+
+
+class StudyState(StrEnum):
+    RECEIVED = "received"
+    READY = "ready"
+    ASSIGNED = "assigned"
+    IN_PROGRESS = "in_progress"
+    PRELIMINARY = "preliminary"
+    FINAL = "final"
+    CANCELLED = "cancelled"
+
+
+#: states in which a study occupies a reader
+HELD = (StudyState.ASSIGNED, StudyState.IN_PROGRESS)
+#: states in which a study still needs work from someone
+OPEN = (StudyState.RECEIVED, StudyState.READY, StudyState.ASSIGNED, StudyState.IN_PROGRESS)
+
+
+class DecisionKind(StrEnum):
+    ASSIGN = "assign"
+    REASSIGN = "reassign"
+    RELEASE = "release"
+    ESCALATE = "escalate"
+
+
+@dataclass(frozen=True, slots=True)
+class Shift:
+    """A weekly working window in the reader's time zone; ``end <= start`` runs past midnight.
+
+    ``weekday`` is 0 for Monday. ``end == time(0)`` with ``start == time(0)`` is a whole day.
+    """
+
+    weekday: int
+    start: time
+    end: time
+    on_call: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ShiftStatus:
+    on_shift: bool
+    on_call: bool
+    #: epoch seconds when the current window ends (None when off)
+    ends_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reader:
+    """A radiologist as the engine sees them: what they may read and how loaded they are."""
+
+    key: str
+    modalities: frozenset[str]
+    licences: frozenset[str]
+    languages: frozenset[str] = frozenset()
+    subspecialties: frozenset[str] = frozenset()
+    timezone: str = "UTC"
+    shifts: tuple[Shift, ...] = ()
+    max_concurrent: int = 4
+    rvu_per_hour: float = 8.0
+    active: bool = True
+    #: RVU of the studies they hold (assigned or in progress), per priority STAT/URGENT/ROUTINE
+    open_rvu: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    open_count: int = 0
+    #: RVU they finished recently (the fairness window, e.g. this shift)
+    recent_rvu: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedStudy:
+    uid: str
+    priority: int
+    modality: str
+    received_at: float
+    deadline: float
+    rvu: float
+    jurisdiction: str = ""
+    language: str = ""
+    subspecialty: str = ""
+    station: str = ""
+    #: opaque key of the patient (a hash), for stickiness; never a name or an ID
+    patient_key: str = ""
+    preferred: frozenset[str] = frozenset()
+    excluded: frozenset[str] = frozenset()
+    state: StudyState = StudyState.READY
+    assignee: str | None = None
+    lease_expires_at: float | None = None
+    escalated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    kind: DecisionKind
+    study_uid: str
+    #: the reader it goes to (assign/reassign) or leaves (release)
+    radiologist: str | None
+    previous: str | None = None
+    reasons: tuple[str, ...] = ()
+    #: for assign/reassign: when the new lease lapses
+    lease_expires_at: float | None = None
+
+
+@dataclass
+class Plan:
+    decisions: list[Decision] = field(default_factory=list)
+    #: ready studies nobody could take this round (uid -> why), when ``explain`` was asked
+    waiting: dict[str, str] = field(default_factory=dict)
+
+    def of_kind(self, kind: DecisionKind) -> list[Decision]:
+        return [d for d in self.decisions if d.kind is kind]
+
+
+# -- shifts -------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=256)
+def _zone(name: str) -> ZoneInfo:
+    return ZoneInfo(name)
+
+
+def _window(day: datetime, shift: Shift) -> tuple[datetime, datetime]:
+    start = day.replace(hour=shift.start.hour, minute=shift.start.minute, second=0, microsecond=0)
+    end = day.replace(hour=shift.end.hour, minute=shift.end.minute, second=0, microsecond=0)
+    if end <= start:
+        end += timedelta(days=1)
+    return start, end
+
+
+def shift_status(reader: Reader, now: float) -> ShiftStatus:
+    """Whether ``reader`` works at ``now``; a regular shift wins over an overlapping on-call."""
+    if not reader.shifts:
+        return ShiftStatus(False, False)
+    local = datetime.fromtimestamp(now, _zone(reader.timezone))
+    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    best: ShiftStatus | None = None
+    for back in (0, 1):  # a shift that started yesterday may still run
+        day = midnight - timedelta(days=back)
+        for shift in reader.shifts:
+            if shift.weekday != day.weekday():
+                continue
+            start, end = _window(day, shift)
+            if start <= local < end:
+                status = ShiftStatus(not shift.on_call, shift.on_call, end.timestamp())
+                # a regular shift beats on-call; of two alike, the one that runs longer
+                if best is None or (status.on_call, -end.timestamp()) < (
+                    best.on_call,
+                    -(best.ends_at or 0.0),
+                ):
+                    best = status
+    return best or ShiftStatus(False, False)
+
+
+# -- ordering -----------------------------------------------------------------------------
+
+
+def licence_covers(licence: str, jurisdiction: str) -> bool:
+    """A national licence (``VN``) covers its provinces (``VN-HN``); a provincial one only it."""
+    if not jurisdiction:
+        return True
+    return jurisdiction == licence or jurisdiction.startswith(licence + "-")
+
+
+def effective_class(study: QueuedStudy, now: float, policy: QueuePolicy) -> int:
+    left = study.deadline - now
+    for cls in (Priority.STAT, Priority.URGENT):
+        if cls < study.priority and left <= policy.sla_s(cls):
+            return int(cls)
+        if cls >= study.priority:
+            break
+    return int(study.priority)
+
+
+def urgency_key(
+    study: QueuedStudy, now: float, policy: QueuePolicy
+) -> tuple[int, float, float, str]:
+    """Sort key: (class after ageing, slack to the deadline, arrival, uid)."""
+    return (effective_class(study, now, policy), study.deadline - now, study.received_at, study.uid)
+
+
+# -- eligibility --------------------------------------------------------------------------
+
+
+def _static_ineligibility(
+    reader: Reader, status: ShiftStatus, study: QueuedStudy, policy: QueuePolicy
+) -> str | None:
+    """Why ``reader`` may not read ``study`` at all (None: they may, capacity permitting)."""
+    if not reader.active:
+        return "inactive"
+    if study.modality.upper() not in reader.modalities:
+        return f"does not read {study.modality}"
+    if study.subspecialty and study.subspecialty not in reader.subspecialties:
+        return f"no {study.subspecialty} subspecialty"
+    if not any(licence_covers(lic, study.jurisdiction) for lic in reader.licences):
+        return f"not licensed for {study.jurisdiction}"
+    if study.language and reader.languages and study.language not in reader.languages:
+        return f"does not report in {study.language}"
+    if reader.key in study.excluded:
+        return "excluded by the station"
+    if status.on_shift:
+        return None
+    if status.on_call:
+        if policy.on_call_takes(study.priority):
+            return None
+        return f"on call only ({', '.join(policy.on_call_priorities)})"
+    return "off shift"
+
+
+def ineligibility(
+    reader: Reader, study: QueuedStudy, now: float, policy: QueuePolicy
+) -> str | None:
+    """Why ``reader`` may not read ``study`` at ``now`` (None: eligible; capacity aside)."""
+    return _static_ineligibility(reader, shift_status(reader, now), study, policy)
+
+
+@dataclass(slots=True)
+class _Load:
+    """A reader's load as it evolves during one planning round."""
+
+    reader: Reader
+    status: ShiftStatus
+    count: int
+    rvu: list[float]
+
+    def ahead_of(self, priority: int) -> float:
+        """RVU the reader works before a new study of ``priority`` (they read by urgency)."""
+        return sum(self.rvu[: priority + 1])
+
+    def minutes_ahead(self, priority: int, extra: float = 0.0) -> float:
+        return (self.ahead_of(priority) + extra) / self.reader.rvu_per_hour * 60.0
+
+    def has_room(self, study: QueuedStudy, policy: QueuePolicy) -> bool:
+        if self.count >= self.reader.max_concurrent:
+            return False
+        if study.priority == Priority.STAT or self.count == 0:
+            return True
+        return self.minutes_ahead(study.priority, study.rvu) <= policy.max_backlog_minutes
+
+    def add(self, study: QueuedStudy) -> None:
+        self.count += 1
+        self.rvu[study.priority] += study.rvu
+
+    def remove(self, study: QueuedStudy) -> None:
+        self.count = max(0, self.count - 1)
+        self.rvu[study.priority] = max(0.0, self.rvu[study.priority] - study.rvu)
+
+
+def _loads(readers: Iterable[Reader], now: float) -> dict[str, _Load]:
+    return {r.key: _Load(r, shift_status(r, now), r.open_count, list(r.open_rvu)) for r in readers}
+
+
+def _profile(study: QueuedStudy, policy: QueuePolicy) -> tuple[object, ...]:
+    on_call_ok = policy.on_call_takes(study.priority)
+    return (
+        study.modality.upper(),
+        study.subspecialty,
+        study.jurisdiction,
+        study.language,
+        study.excluded,
+        on_call_ok,
+    )
+
+
+class _Eligibility:
+    """Caches who may read which kind of study: profiles repeat, readers are few."""
+
+    def __init__(self, loads: Mapping[str, _Load], policy: QueuePolicy) -> None:
+        self.loads = loads
+        self.policy = policy
+        self._cache: dict[tuple[object, ...], list[_Load]] = {}
+
+    def readers_for(self, study: QueuedStudy) -> list[_Load]:
+        key = _profile(study, self.policy)
+        found = self._cache.get(key)
+        if found is None:
+            found = [
+                load
+                for _, load in sorted(self.loads.items())
+                if _static_ineligibility(load.reader, load.status, study, self.policy) is None
+            ]
+            self._cache[key] = found
+        return found
+
+
+def _fmt_minutes(seconds: float) -> str:
+    minutes = seconds / 60.0
+    if abs(minutes) >= 120:
+        return f"{minutes / 60:.1f} h"
+    return f"{minutes:.0f} min"
+
+
+def _slack(study: QueuedStudy, now: float) -> str:
+    left = study.deadline - now
+    return f"slack {_fmt_minutes(left)}" if left >= 0 else f"overdue {_fmt_minutes(-left)}"
+
+
+def _eligible_reason(load: _Load, study: QueuedStudy) -> str:
+    r = load.reader
+    what = study.modality.upper() + (f"-{study.subspecialty}" if study.subspecialty else "")
+    parts = []
+    if study.jurisdiction:
+        lic = next(lic for lic in sorted(r.licences) if licence_covers(lic, study.jurisdiction))
+        parts.append(f"licensed {lic}")
+    parts.append(f"reads {what}")
+    if study.language and r.languages:
+        parts.append(f"reports in {study.language}")
+    parts.append("on call" if load.status.on_call and not load.status.on_shift else "on shift")
+    return f"eligible: {r.key} " + ", ".join(parts)
+
+
+# -- choosing -----------------------------------------------------------------------------
+
+
+def _score(load: _Load, study: QueuedStudy, policy: QueuePolicy) -> float:
+    """Minutes: projected finish of the study with this reader, adjusted for fairness/preference."""
+    score = load.minutes_ahead(study.priority, study.rvu)
+    score += policy.fairness_weight * load.reader.recent_rvu / load.reader.rvu_per_hour * 60.0
+    if load.reader.key in study.preferred:
+        score -= policy.preferred_bonus_minutes
+    return score
+
+
+def _choose(
+    study: QueuedStudy,
+    candidates: Sequence[_Load],
+    now: float,
+    policy: QueuePolicy,
+    sticky: Mapping[str, str],
+) -> tuple[_Load, str]:
+    """The best candidate and why; ``candidates`` is non-empty and sorted by key."""
+    if study.patient_key:
+        want = sticky.get(study.patient_key)
+        if want is not None:
+            for load in candidates:
+                if load.reader.key == want:
+                    finish = now + load.minutes_ahead(study.priority, study.rvu) * 60.0
+                    if finish <= study.deadline:
+                        return load, "chosen: reads this patient's other study (sticky)"
+                    break
+    best = min(candidates, key=lambda c: (_score(c, study, policy), c.reader.key))
+    minutes = best.minutes_ahead(study.priority, study.rvu)
+    why = f"chosen: least projected load ({minutes:.0f} min of work incl. this study"
+    why += f", {len(candidates)} eligible with room)"
+    if best.reader.key in study.preferred:
+        why += "; preferred by the station"
+    return best, why
+
+
+# -- planning -----------------------------------------------------------------------------
+
+
+def plan(
+    now: float,
+    studies: Iterable[QueuedStudy],
+    readers: Iterable[Reader],
+    policy: QueuePolicy,
+    *,
+    sticky: Mapping[str, str] | None = None,
+    explain: bool = False,
+) -> Plan:
+    """One push round: releases, escalations, pre-emptive reassignments, then assignments.
+
+    ``studies`` are the open ones (ready, assigned, in progress); ``readers`` carry their load
+    from those same studies. ``sticky`` maps a patient key to the reader of their open or
+    recent study.
+    """
+    sticky = sticky or {}
+    loads = _loads(readers, now)
+    eligibility = _Eligibility(loads, policy)
+    out = Plan()
+    ready: list[QueuedStudy] = []
+    held: list[QueuedStudy] = []
+    avoid: dict[str, str] = {}  # uid -> reader who just lost it (not given back this round)
+
+    for st in studies:
+        if st.state == StudyState.READY:
+            ready.append(st)
+        elif st.state in HELD:
+            held.append(st)
+
+    # 1. leases, shift ends, deactivation, capacity changes
+    by_reader: dict[str, list[QueuedStudy]] = {}
+    for st in held:
+        load = loads.get(st.assignee or "")
+        why: str | None = None
+        if load is None:
+            why = f"released: reader {st.assignee} unknown"
+        elif st.lease_expires_at is not None and st.lease_expires_at <= now:
+            why = f"released: lease expired {_fmt_minutes(now - st.lease_expires_at)} ago"
+        elif st.state == StudyState.ASSIGNED:
+            if not load.reader.active:
+                why = "released: reader deactivated"
+            elif _static_ineligibility(load.reader, load.status, st, policy) is not None:
+                why = "released: reader's shift ended"
+        if why is None:
+            by_reader.setdefault(st.assignee or "", []).append(st)
+            continue
+        if load is not None:
+            load.remove(st)
+        out.decisions.append(Decision(DecisionKind.RELEASE, st.uid, st.assignee, reasons=(why,)))
+        avoid[st.uid] = st.assignee or ""
+        ready.append(_as_ready(st))
+    for key, mine in sorted(by_reader.items()):
+        load = loads[key]
+        excess = load.count - load.reader.max_concurrent
+        if excess <= 0:
+            continue
+        not_started = [s for s in mine if s.state == StudyState.ASSIGNED]
+        not_started.sort(key=lambda s: urgency_key(s, now, policy), reverse=True)
+        for st in not_started[:excess]:
+            load.remove(st)
+            mine.remove(st)
+            reason = f"released: capacity of {key} is {load.reader.max_concurrent}"
+            out.decisions.append(Decision(DecisionKind.RELEASE, st.uid, key, reasons=(reason,)))
+            avoid[st.uid] = key
+            ready.append(_as_ready(st))
+
+    # 2. escalation of studies about to breach
+    still_held = [s for group in by_reader.values() for s in group]
+    for st in sorted([*ready, *still_held], key=lambda s: urgency_key(s, now, policy)):
+        left = st.deadline - now
+        if not st.escalated and left <= policy.escalate_s(st.priority):
+            who = f"held by {st.assignee}" if st.state in HELD else "unassigned"
+            when = f"{_fmt_minutes(left)} left" if left >= 0 else f"{_fmt_minutes(-left)} late"
+            out.decisions.append(
+                Decision(
+                    DecisionKind.ESCALATE,
+                    st.uid,
+                    st.assignee if st.state in HELD else None,
+                    reasons=(f"escalated: {Priority(st.priority).name} {when}, {who}",),
+                )
+            )
+
+    # 3. pre-emptive reassignment of at-risk studies nobody has opened yet,
+    #    4. assignment of ready studies -- in one urgency order
+    at_risk = [
+        s
+        for s in still_held
+        if s.state == StudyState.ASSIGNED and s.deadline - now <= policy.escalate_s(s.priority)
+    ]
+    queue = sorted([*ready, *at_risk], key=lambda s: urgency_key(s, now, policy))
+    free = sum(
+        max(0, ld.reader.max_concurrent - ld.count)
+        for ld in loads.values()
+        if ld.reader.active and (ld.status.on_shift or ld.status.on_call)
+    )
+    for st in queue:
+        if free <= 0 and st.state == StudyState.READY and not explain:
+            break
+        candidates = [
+            ld
+            for ld in eligibility.readers_for(st)
+            if ld.reader.key != avoid.get(st.uid)
+            and ld.reader.key != st.assignee
+            and ld.has_room(st, policy)
+        ]
+        slack = _slack(st, now)
+        if st.state == StudyState.ASSIGNED:
+            current = loads[st.assignee or ""]
+            finish_now = now + current.minutes_ahead(st.priority) * 60.0
+            if finish_now <= st.deadline or not candidates:
+                continue
+            best, why = _choose(st, candidates, now, policy, sticky)
+            finish_new = now + best.minutes_ahead(st.priority, st.rvu) * 60.0
+            if finish_new >= finish_now:
+                continue
+            current.remove(st)
+            best.add(st)
+            reason = (
+                f"reassigned: {st.assignee} would finish {_fmt_minutes(finish_now - st.deadline)}"
+                " after the deadline"
+            )
+            out.decisions.append(
+                Decision(
+                    DecisionKind.REASSIGN,
+                    st.uid,
+                    best.reader.key,
+                    previous=st.assignee,
+                    reasons=(reason, _eligible_reason(best, st), why, slack),
+                    lease_expires_at=now + policy.lease_s(st.priority),
+                )
+            )
+            continue
+        if not candidates:
+            if explain:
+                out.waiting[st.uid] = _why_waiting(st, loads, policy)
+            continue
+        best, why = _choose(st, candidates, now, policy, sticky)
+        best.add(st)
+        free -= 1
+        out.decisions.append(
+            Decision(
+                DecisionKind.ASSIGN,
+                st.uid,
+                best.reader.key,
+                reasons=(_eligible_reason(best, st), why, slack),
+                lease_expires_at=now + policy.lease_s(st.priority),
+            )
+        )
+    return out
+
+
+def _as_ready(st: QueuedStudy) -> QueuedStudy:
+    from dataclasses import replace
+
+    return replace(st, state=StudyState.READY, assignee=None, lease_expires_at=None)
+
+
+def _why_waiting(st: QueuedStudy, loads: Mapping[str, _Load], policy: QueuePolicy) -> str:
+    if not loads:
+        return "no radiologists"
+    reasons: dict[str, int] = {}
+    for load in loads.values():
+        why = _static_ineligibility(load.reader, load.status, st, policy)
+        if why is None:
+            why = "at capacity" if not load.has_room(st, policy) else "just released by them"
+        reasons[why] = reasons.get(why, 0) + 1
+    return "waiting: " + "; ".join(f"{n} {why}" for why, n in sorted(reasons.items()))
+
+
+def next_for(
+    now: float,
+    reader_key: str,
+    studies: Iterable[QueuedStudy],
+    readers: Iterable[Reader],
+    policy: QueuePolicy,
+) -> Decision | None:
+    """Pull mode: the most urgent ready study ``reader_key`` may read, if they have room.
+
+    Studies reserved for another reader by stickiness are not handed out here: a pull takes
+    from the common pool in the same order a push round would.
+    """
+    loads = _loads(readers, now)
+    load = loads.get(reader_key)
+    if load is None:
+        return None
+    ready = [s for s in studies if s.state == StudyState.READY]
+    ready.sort(key=lambda s: urgency_key(s, now, policy))
+    for st in ready:
+        if _static_ineligibility(load.reader, load.status, st, policy) is not None:
+            continue
+        if not load.has_room(st, policy):
+            if load.count >= load.reader.max_concurrent:
+                return None
+            continue
+        slack = _slack(st, now)
+        return Decision(
+            DecisionKind.ASSIGN,
+            st.uid,
+            reader_key,
+            reasons=(_eligible_reason(load, st), "chosen: most urgent study they may read", slack),
+            lease_expires_at=now + policy.lease_s(st.priority),
+        )
+    return None
+
+
+def gini(values: Sequence[float]) -> float:
+    """Gini coefficient of non-negative values (0: all equal, towards 1: one does all)."""
+    xs = sorted(v for v in values if not math.isnan(v))
+    n = len(xs)
+    total = sum(xs)
+    if n == 0 or total <= 0:
+        return 0.0
+    cum = sum((i + 1) * x for i, x in enumerate(xs))
+    return (2.0 * cum) / (n * total) - (n + 1.0) / n

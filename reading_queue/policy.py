@@ -1,0 +1,120 @@
+"""The reading-queue policy: SLAs, leases, escalation and the RVU/subspecialty table.
+
+One pydantic model so it can live in ``[hub.queue]`` of the TOML config, be overridden per
+station contract, and be handed as plain data to the (pure) assignment engine.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+from pydantic import BaseModel, Field, field_validator
+
+from telerad.config import Priority
+
+PRIORITY_NAMES = ("stat", "urgent", "routine")
+
+
+def _per_priority(stat: float, urgent: float, routine: float) -> dict[str, float]:
+    return {"stat": stat, "urgent": urgent, "routine": routine}
+
+
+class ProcedureRule(BaseModel):
+    """Maps a modality + body part to the subspecialty a reader needs and its work in RVU.
+
+    ``body_parts`` are DICOM BodyPartExamined values, compared case-insensitively, ``*``
+    wildcards allowed. The first matching rule wins.
+    """
+
+    modality: str
+    body_parts: list[str] = Field(default_factory=lambda: ["*"])
+    #: empty: any reader of the modality may read it
+    subspecialty: str = ""
+    rvu: float
+
+
+def default_procedures() -> list[ProcedureRule]:
+    """Professional-component RVUs of the CMS fee schedule, rounded (work is what matters)."""
+    neuro = ["HEAD", "BRAIN", "SKULL", "NECK", "HEADNECK", "*SPINE", "IAC", "ORBIT", "SINUS"]
+    return [
+        ProcedureRule(modality="CT", body_parts=neuro, subspecialty="neuro", rvu=0.85),
+        ProcedureRule(modality="CT", body_parts=["CHEST", "LUNG", "THORAX"], rvu=1.0),
+        ProcedureRule(
+            modality="CT", body_parts=["ABDOMEN", "PELVIS", "ABDOMENPELVIS", "*ABD*"], rvu=1.75
+        ),
+        ProcedureRule(modality="CT", body_parts=["WHOLEBODY", "*TRAUMA*", "POLYTRAUMA"], rvu=2.5),
+        ProcedureRule(modality="CT", rvu=1.2),
+        ProcedureRule(modality="MR", body_parts=neuro, subspecialty="neuro", rvu=1.5),
+        ProcedureRule(modality="MR", subspecialty="msk", rvu=1.4),
+        ProcedureRule(modality="CR", body_parts=["CHEST", "THORAX", "LUNG"], rvu=0.22),
+        ProcedureRule(modality="DX", body_parts=["CHEST", "THORAX", "LUNG"], rvu=0.22),
+        ProcedureRule(modality="CR", rvu=0.18),
+        ProcedureRule(modality="DX", rvu=0.18),
+        ProcedureRule(modality="US", rvu=0.6),
+        ProcedureRule(modality="MG", subspecialty="breast", rvu=0.7),
+    ]
+
+
+class QueuePolicy(BaseModel):
+    """Everything the engine needs besides the studies and readers themselves."""
+
+    #: time from receipt to a final report, per priority (overridable per station contract)
+    sla_minutes: dict[str, float] = Field(default_factory=lambda: _per_priority(30, 240, 1440))
+    #: an assignment lapses unless the reader opens/renews it within this time
+    lease_minutes: dict[str, float] = Field(default_factory=lambda: _per_priority(5, 15, 30))
+    #: escalate (event + webhook) when this little time is left before the deadline
+    escalate_minutes: dict[str, float] = Field(default_factory=lambda: _per_priority(10, 60, 240))
+    #: no more pushes to a reader whose work ahead of the study would exceed this
+    #: (STAT ignores it: only the concurrent-study cap holds a STAT back)
+    max_backlog_minutes: float = 60.0
+    #: weight of the fairness term: minutes of recent work count this much against a reader
+    fairness_weight: float = 0.25
+    #: minutes of projected load a station's preferred reader is forgiven
+    preferred_bonus_minutes: float = 10.0
+    #: a patient's new study goes to the reader of their studies from the last N days
+    sticky_days: float = 30.0
+    #: priorities an on-call (not on regular shift) reader is given
+    on_call_priorities: list[str] = Field(default_factory=lambda: ["stat", "urgent"])
+    procedures: list[ProcedureRule] = Field(default_factory=default_procedures)
+    #: RVU when no procedure rule matches the modality
+    default_rvu: float = 0.5
+
+    @field_validator("sla_minutes", "lease_minutes", "escalate_minutes")
+    @classmethod
+    def _all_priorities(cls, value: dict[str, float]) -> dict[str, float]:
+        value = {k.lower(): float(v) for k, v in value.items()}
+        missing = [p for p in PRIORITY_NAMES if p not in value]
+        unknown = [k for k in value if k not in PRIORITY_NAMES]
+        if missing or unknown:
+            raise ValueError(
+                f"need exactly stat, urgent and routine (missing {missing}, unknown {unknown})"
+            )
+        if any(v <= 0 for v in value.values()):
+            raise ValueError("minutes must be positive")
+        return value
+
+    def sla_s(self, priority: int, overrides: dict[str, float] | None = None) -> float:
+        name = Priority(priority).label
+        if overrides and name in overrides:
+            return float(overrides[name]) * 60.0
+        return self.sla_minutes[name] * 60.0
+
+    def lease_s(self, priority: int) -> float:
+        return self.lease_minutes[Priority(priority).label] * 60.0
+
+    def escalate_s(self, priority: int) -> float:
+        return self.escalate_minutes[Priority(priority).label] * 60.0
+
+    def on_call_takes(self, priority: int) -> bool:
+        return Priority(priority).label in self.on_call_priorities
+
+    def classify(self, modality: str, body_part: str) -> tuple[str, float]:
+        """(subspecialty, RVU) of a study from the first matching procedure rule."""
+        modality = modality.strip().upper()
+        part = body_part.strip().upper().replace(" ", "")
+        for rule in self.procedures:
+            if rule.modality.upper() != modality:
+                continue
+            if any(fnmatchcase(part, pat.upper().replace(" ", "")) for pat in rule.body_parts):
+                return rule.subspecialty, rule.rvu
+        return "", self.default_rvu
