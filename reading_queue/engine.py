@@ -408,12 +408,14 @@ def plan(
     *,
     sticky: Mapping[str, str] | None = None,
     explain: bool = False,
+    assign: bool = True,
 ) -> Plan:
     """One push round: releases, escalations, pre-emptive reassignments, then assignments.
 
     ``studies`` are the open ones (ready, assigned, in progress); ``readers`` carry their load
     from those same studies. ``sticky`` maps a patient key to the reader of their open or
-    recent study.
+    recent study. ``assign=False`` (pull mode) stops after releases and escalations:
+    readers take studies themselves.
     """
     sticky = sticky or {}
     loads = _loads(readers, now)
@@ -481,6 +483,9 @@ def plan(
                     reasons=(f"escalated: {Priority(st.priority).name} {when}, {who}",),
                 )
             )
+
+    if not assign:
+        return out
 
     # 3. pre-emptive reassignment of at-risk studies nobody has opened yet,
     #    4. assignment of ready studies -- in one urgency order

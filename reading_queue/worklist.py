@@ -522,8 +522,11 @@ class Worklist:
         )
         return {str(pk): str(who) for pk, who, _ in rows}  # latest wins
 
-    def run_round(self, now: float | None = None, *, explain: bool = False) -> RoundResult:
-        """One push round: apply the engine's plan for every open study."""
+    def run_round(
+        self, now: float | None = None, *, explain: bool = False, assign: bool = True
+    ) -> RoundResult:
+        """One round: apply the engine's plan for every open study (``assign=False``: pull
+        mode, only releases and escalations)."""
         now = self.clock() if now is None else now
         with self.session.begin() as s:
             rows = s.scalars(select(Radiologist).order_by(Radiologist.id).with_for_update()).all()
@@ -533,7 +536,9 @@ class Worklist:
             recent = self._recent_rvu(s, now)
             readers = _with_loads(specs, studies, recent)
             sticky = self._sticky(s, now)
-            result = plan(now, studies, readers, self.policy, sticky=sticky, explain=explain)
+            result = plan(
+                now, studies, readers, self.policy, sticky=sticky, explain=explain, assign=assign
+            )
             out = RoundResult(decisions=result.decisions, waiting=result.waiting)
             by_uid = {st.uid: st for st in studies}
             for d in result.decisions:

@@ -11,10 +11,13 @@ import os
 import tomllib
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from reading_queue.policy import QueuePolicy
 
 
 class Priority(IntEnum):
@@ -178,6 +181,34 @@ class HubSettings(ListenerSettings):
     #: Serve the upload protocol over HTTPS with this certificate and key.
     https_cert: Path | None = None
     https_key: Path | None = None
+    #: ``push``: the hub assigns studies as they arrive and as capacity frees;
+    #: ``pull``: radiologists take the next study themselves (leases, escalation and
+    #: releases run in both modes).
+    assignment_mode: Literal["push", "pull"] = "push"
+    #: Seconds between worklist rounds (new studies trigger one at once).
+    queue_interval_s: float = 15.0
+    #: URLs that receive escalations as JSON POSTs (retried until they answer 2xx).
+    escalation_webhooks: list[str] = Field(default_factory=list)
+    #: Roster (radiologists and stations) loaded at start when set: YAML or TOML.
+    roster_file: Path | None = None
+    #: SLAs, leases, escalation, RVU table: the ``[hub.queue]`` table.
+    queue: Any = None
+
+    @field_validator("queue", mode="before")
+    @classmethod
+    def _queue_policy(cls, value: Any) -> Any:
+        from reading_queue.policy import QueuePolicy
+
+        if value is None:
+            return QueuePolicy()
+        if isinstance(value, QueuePolicy):
+            return value
+        return QueuePolicy.model_validate(value)
+
+    @property
+    def queue_policy(self) -> QueuePolicy:
+        policy: QueuePolicy = self.queue
+        return policy
 
     def resolved_database_url(self) -> str:
         if self.database_url:

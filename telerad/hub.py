@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from io import BytesIO
 from typing import Any
 
 import uvicorn
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from dicom_gateway.forward.dicom import LocalTransport
 from dicom_gateway.forward.worker import ForwardWorker
@@ -19,9 +22,12 @@ from dicom_gateway.scp import Listener
 from dicom_gateway.service import recover
 from dicom_gateway.spool import Spool
 from dicom_gateway.state import StateDB
-from reading_queue.archive import open_archive
-from reading_queue.ingest import IngestService
+from reading_queue import QueueError
+from reading_queue.archive import ArchiveError, open_archive
+from reading_queue.ingest import IngestService, StudyCommitted
 from reading_queue.models import make_engine
+from reading_queue.roster import load_roster
+from reading_queue.worklist import Worklist
 from telerad.config import HubSettings
 from viewer_api.app import create_app
 
@@ -34,10 +40,90 @@ def open_ingest(settings: HubSettings) -> IngestService:
     return IngestService(settings.data_dir, engine, open_archive(settings))
 
 
+def open_worklist(settings: HubSettings, ingest: IngestService) -> Worklist:
+    def header(study_uid: str) -> Dataset | None:
+        """One instance's header: accession, patient identity (for priors), description."""
+        for inst in ingest.study_instances(study_uid)[:1]:
+            try:
+                data = ingest.archive.retrieve(inst.archive_ref)
+            except ArchiveError:
+                logger.warning("no header for study %s: archive unavailable", study_uid)
+                return None
+            return dcmread(BytesIO(data), stop_before_pixels=True)
+        return None
+
+    worklist = Worklist(
+        ingest.engine,
+        settings.queue_policy,
+        webhook_urls=settings.escalation_webhooks,
+        header_reader=header,
+    )
+    if settings.roster_file is not None:
+        tokens = worklist.load_roster(load_roster(settings.roster_file))
+        for name in tokens:
+            logger.info(
+                "station %s created from the roster; issue its token with "
+                "`telerad hub station token %s`",
+                name,
+                name,
+            )
+    return worklist
+
+
+class QueueWorker(threading.Thread):
+    """Feeds the worklist: new studies in, rounds (push mode), leases, escalations, webhooks.
+
+    Woken at once when a study is committed, otherwise every ``interval_s``. Errors are
+    logged and retried at the next tick: the worklist's state is in the database."""
+
+    def __init__(self, worklist: Worklist, *, push: bool, interval_s: float) -> None:
+        super().__init__(daemon=True, name="hub-queue")
+        self.worklist = worklist
+        self.push = push
+        self.interval_s = interval_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.rounds = 0
+
+    def notify(self, _event: StudyCommitted | None = None) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def tick(self) -> None:
+        self.worklist.consume_events()
+        if self.push:
+            self.worklist.run_round()
+        else:
+            self.worklist.run_round(assign=False)
+        self.worklist.deliver_webhooks()
+        self.rounds += 1
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except QueueError as exc:
+                logger.warning("worklist round failed: %s", exc)
+            except Exception:
+                logger.exception("worklist round failed")
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+
+
 class Hub:
     def __init__(self, settings: HubSettings) -> None:
         self.settings = settings
         self.ingest = open_ingest(settings)
+        self.worklist = open_worklist(settings, self.ingest)
+        self.queue = QueueWorker(
+            self.worklist,
+            push=settings.assignment_mode == "push",
+            interval_s=settings.queue_interval_s,
+        )
+        self.ingest.listeners.append(self.queue.notify)
         self.app = create_app(self.ingest)
         inbox = settings.data_dir / "dicom-inbox"
         self.spool = Spool(inbox)
@@ -64,6 +150,7 @@ class Hub:
         if self.settings.dicom_port >= 0:
             self.listener.start()
         self.worker.start()
+        self.queue.start()
 
     def start_http(self, *, log_level: str = "warning", **kw: Any) -> None:
         """Run uvicorn in a thread (tests, demo); ``serve`` blocks instead."""
@@ -107,6 +194,7 @@ class Hub:
             if self._thread:
                 self._thread.join(timeout=10)
         self.listener.stop()
+        self.queue.stop()
         self.worker.stop()
         self.worker.join(timeout=10)
         self.state.close()
