@@ -24,7 +24,7 @@ eligible reader when its current reader would miss the deadline.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from enum import StrEnum
@@ -35,6 +35,7 @@ from reading_queue.policy import QueuePolicy
 from telerad.config import Priority
 
 __all__ = [
+    "FAIRNESS_WINDOW_S",
     "Decision",
     "DecisionKind",
     "Plan",
@@ -43,11 +44,15 @@ __all__ = [
     "Shift",
     "ShiftStatus",
     "StudyState",
+    "effective_class",
     "gini",
     "ineligibility",
     "licence_covers",
     "next_for",
+    "on_shift_seconds",
+    "order_deadline",
     "plan",
+    "remaining_rvu",
     "shift_status",
     "urgency_key",
 ]
@@ -111,9 +116,13 @@ class Reader:
     max_concurrent: int = 4
     rvu_per_hour: float = 8.0
     active: bool = True
-    #: RVU of the studies they hold (assigned or in progress), per priority STAT/URGENT/ROUTINE
+    #: RVU of the studies they hold but have not opened yet, per priority STAT/URGENT/ROUTINE
     open_rvu: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    #: studies they hold, opened or not
     open_count: int = 0
+    #: RVU still to do on the studies they have open: no reader drops the case in hand for a
+    #: new one, so this comes before anything new, whatever its priority
+    in_progress_rvu: float = 0.0
     #: RVU they finished recently (the fairness window, e.g. this shift)
     recent_rvu: float = 0.0
 
@@ -138,6 +147,8 @@ class QueuedStudy:
     assignee: str | None = None
     lease_expires_at: float | None = None
     escalated: bool = False
+    #: when its reader opened it (in progress)
+    started_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +171,15 @@ class Plan:
 
     def of_kind(self, kind: DecisionKind) -> list[Decision]:
         return [d for d in self.decisions if d.kind is kind]
+
+
+def remaining_rvu(rvu: float, started_at: float | None, now: float, rvu_per_hour: float) -> float:
+    """Estimated RVU left on an opened study: its RVU less what the reader's pace has done
+    since they opened it (never below a tenth: an overrun study is not finished yet)."""
+    if started_at is None:
+        return rvu
+    done = max(0.0, now - started_at) / 3600.0 * rvu_per_hour
+    return max(rvu * 0.1, rvu - done)
 
 
 # -- shifts -------------------------------------------------------------------------------
@@ -202,6 +222,35 @@ def shift_status(reader: Reader, now: float) -> ShiftStatus:
     return best or ShiftStatus(False, False)
 
 
+#: the fairness window: ``Reader.recent_rvu`` is what they finished in the last 12 hours
+FAIRNESS_WINDOW_S = 12 * 3600.0
+
+
+def on_shift_seconds(reader: Reader, start: float, end: float) -> float:
+    """Seconds of [start, end] the reader was on a shift (regular or on call)."""
+    if not reader.shifts or end <= start:
+        return 0.0
+    zone = _zone(reader.timezone)
+    last = datetime.fromtimestamp(end, zone).replace(hour=0, minute=0, second=0, microsecond=0)
+    days = int((end - start) // 86400) + 2
+    spans: list[tuple[float, float]] = []
+    for back in range(days + 1):
+        day = last - timedelta(days=back)
+        for shift in reader.shifts:
+            if shift.weekday == day.weekday():
+                a, b = _window(day, shift)
+                lo, hi = max(start, a.timestamp()), min(end, b.timestamp())
+                if hi > lo:
+                    spans.append((lo, hi))
+    total, reach = 0.0, start
+    for lo, hi in sorted(spans):  # overlapping windows count once
+        lo = max(lo, reach)
+        if hi > lo:
+            total += hi - lo
+            reach = hi
+    return total
+
+
 # -- ordering -----------------------------------------------------------------------------
 
 
@@ -212,8 +261,15 @@ def licence_covers(licence: str, jurisdiction: str) -> bool:
     return jurisdiction == licence or jurisdiction.startswith(licence + "-")
 
 
+def order_deadline(study: QueuedStudy, policy: QueuePolicy) -> float:
+    """The deadline the queue orders by: the study's own, but never later than the hub's SLA
+    for its priority. A generous contract (48 h routine) then means fewer breaches, not
+    being read last whenever the hub is busy."""
+    return min(study.deadline, study.received_at + policy.sla_s(study.priority))
+
+
 def effective_class(study: QueuedStudy, now: float, policy: QueuePolicy) -> int:
-    left = study.deadline - now
+    left = order_deadline(study, policy) - now
     for cls in (Priority.STAT, Priority.URGENT):
         if cls < study.priority and left <= policy.sla_s(cls):
             return int(cls)
@@ -225,8 +281,28 @@ def effective_class(study: QueuedStudy, now: float, policy: QueuePolicy) -> int:
 def urgency_key(
     study: QueuedStudy, now: float, policy: QueuePolicy
 ) -> tuple[int, float, float, str]:
-    """Sort key: (class after ageing, slack to the deadline, arrival, uid)."""
-    return (effective_class(study, now, policy), study.deadline - now, study.received_at, study.uid)
+    """Sort key: (class after ageing, slack to the ordering deadline, arrival, uid)."""
+    left = order_deadline(study, policy) - now
+    return (effective_class(study, now, policy), left, study.received_at, study.uid)
+
+
+def _key_function(
+    now: float, policy: QueuePolicy
+) -> Callable[[QueuedStudy], tuple[int, float, float, str]]:
+    """``urgency_key`` with the SLAs looked up once (a round sorts thousands of studies)."""
+    stat_s, urgent_s = policy.sla_s(Priority.STAT), policy.sla_s(Priority.URGENT)
+    sla = [policy.sla_s(p) for p in Priority]
+
+    def key(st: QueuedStudy) -> tuple[int, float, float, str]:
+        left = min(st.deadline, st.received_at + sla[st.priority]) - now
+        cls = st.priority
+        if cls > 0 and left <= stat_s:
+            cls = 0
+        elif cls > 1 and left <= urgent_s:
+            cls = 1
+        return (cls, left, st.received_at, st.uid)
+
+    return key
 
 
 # -- eligibility --------------------------------------------------------------------------
@@ -258,10 +334,19 @@ def _static_ineligibility(
 
 
 def ineligibility(
-    reader: Reader, study: QueuedStudy, now: float, policy: QueuePolicy
+    reader: Reader,
+    study: QueuedStudy,
+    now: float,
+    policy: QueuePolicy,
+    *,
+    status: ShiftStatus | None = None,
 ) -> str | None:
-    """Why ``reader`` may not read ``study`` at ``now`` (None: eligible; capacity aside)."""
-    return _static_ineligibility(reader, shift_status(reader, now), study, policy)
+    """Why ``reader`` may not read ``study`` at ``now`` (None: eligible; capacity aside).
+
+    Pass ``status`` when the caller already has the reader's shift status for ``now``."""
+    if status is None:
+        status = shift_status(reader, now)
+    return _static_ineligibility(reader, status, study, policy)
 
 
 @dataclass(slots=True)
@@ -270,12 +355,29 @@ class _Load:
 
     reader: Reader
     status: ShiftStatus
+    now: float
     count: int
     rvu: list[float]
+    in_progress: float
+    _utilisation: float | None = None
+
+    @property
+    def utilisation(self) -> float:
+        """Share of their recent shift time spent reading (the fairness term)."""
+        if self._utilisation is None:
+            r = self.reader
+            if r.recent_rvu <= 0:
+                self._utilisation = 0.0
+            else:
+                worked = on_shift_seconds(r, self.now - FAIRNESS_WINDOW_S, self.now)
+                busy = r.recent_rvu / r.rvu_per_hour * 3600.0
+                self._utilisation = min(1.0, busy / max(worked, 3600.0))
+        return self._utilisation
 
     def ahead_of(self, priority: int) -> float:
-        """RVU the reader works before a new study of ``priority`` (they read by urgency)."""
-        return sum(self.rvu[: priority + 1])
+        """RVU the reader works before a new study of ``priority``: what they have open, then
+        their list by urgency."""
+        return self.in_progress + sum(self.rvu[: priority + 1])
 
     def minutes_ahead(self, priority: int, extra: float = 0.0) -> float:
         return (self.ahead_of(priority) + extra) / self.reader.rvu_per_hour * 60.0
@@ -283,6 +385,9 @@ class _Load:
     def has_room(self, study: QueuedStudy, policy: QueuePolicy) -> bool:
         if self.count >= self.reader.max_concurrent:
             return False
+        ends = self.status.ends_at
+        if ends is not None and self.now + self.minutes_ahead(study.priority) * 60.0 >= ends:
+            return False  # they would leave before starting it: it would only bounce back
         if study.priority == Priority.STAT or self.count == 0:
             return True
         return self.minutes_ahead(study.priority, study.rvu) <= policy.max_backlog_minutes
@@ -293,11 +398,19 @@ class _Load:
 
     def remove(self, study: QueuedStudy) -> None:
         self.count = max(0, self.count - 1)
-        self.rvu[study.priority] = max(0.0, self.rvu[study.priority] - study.rvu)
+        if study.state == StudyState.IN_PROGRESS:
+            self.in_progress = max(0.0, self.in_progress - study.rvu)
+        else:
+            self.rvu[study.priority] = max(0.0, self.rvu[study.priority] - study.rvu)
 
 
 def _loads(readers: Iterable[Reader], now: float) -> dict[str, _Load]:
-    return {r.key: _Load(r, shift_status(r, now), r.open_count, list(r.open_rvu)) for r in readers}
+    return {
+        r.key: _Load(
+            r, shift_status(r, now), now, r.open_count, list(r.open_rvu), r.in_progress_rvu
+        )
+        for r in readers
+    }
 
 
 def _profile(study: QueuedStudy, policy: QueuePolicy) -> tuple[object, ...]:
@@ -363,9 +476,12 @@ def _eligible_reason(load: _Load, study: QueuedStudy) -> str:
 
 
 def _score(load: _Load, study: QueuedStudy, policy: QueuePolicy) -> float:
-    """Minutes: projected finish of the study with this reader, adjusted for fairness/preference."""
+    """Minutes: projected finish of the study with this reader, adjusted for fairness and
+    preference -- except for STAT, where only the earliest finish counts."""
     score = load.minutes_ahead(study.priority, study.rvu)
-    score += policy.fairness_weight * load.reader.recent_rvu / load.reader.rvu_per_hour * 60.0
+    if study.priority == Priority.STAT:
+        return score
+    score += policy.fairness_weight * load.utilisation * 60.0
     if load.reader.key in study.preferred:
         score -= policy.preferred_bonus_minutes
     return score
@@ -418,6 +534,7 @@ def plan(
     readers take studies themselves.
     """
     sticky = sticky or {}
+    urgency = _key_function(now, policy)
     loads = _loads(readers, now)
     eligibility = _Eligibility(loads, policy)
     out = Plan()
@@ -459,7 +576,7 @@ def plan(
         if excess <= 0:
             continue
         not_started = [s for s in mine if s.state == StudyState.ASSIGNED]
-        not_started.sort(key=lambda s: urgency_key(s, now, policy), reverse=True)
+        not_started.sort(key=urgency, reverse=True)
         for st in not_started[:excess]:
             load.remove(st)
             mine.remove(st)
@@ -470,19 +587,24 @@ def plan(
 
     # 2. escalation of studies about to breach
     still_held = [s for group in by_reader.values() for s in group]
-    for st in sorted([*ready, *still_held], key=lambda s: urgency_key(s, now, policy)):
+    escalate_s = [policy.escalate_s(p) for p in Priority]
+    due = [
+        st
+        for st in (*ready, *still_held)
+        if not st.escalated and st.deadline - now <= escalate_s[st.priority]
+    ]
+    for st in sorted(due, key=urgency):
         left = st.deadline - now
-        if not st.escalated and left <= policy.escalate_s(st.priority):
-            who = f"held by {st.assignee}" if st.state in HELD else "unassigned"
-            when = f"{_fmt_minutes(left)} left" if left >= 0 else f"{_fmt_minutes(-left)} late"
-            out.decisions.append(
-                Decision(
-                    DecisionKind.ESCALATE,
-                    st.uid,
-                    st.assignee if st.state in HELD else None,
-                    reasons=(f"escalated: {Priority(st.priority).name} {when}, {who}",),
-                )
+        who = f"held by {st.assignee}" if st.state in HELD else "unassigned"
+        when = f"{_fmt_minutes(left)} left" if left >= 0 else f"{_fmt_minutes(-left)} late"
+        out.decisions.append(
+            Decision(
+                DecisionKind.ESCALATE,
+                st.uid,
+                st.assignee if st.state in HELD else None,
+                reasons=(f"escalated: {Priority(st.priority).name} {when}, {who}",),
             )
+        )
 
     if not assign:
         return out
@@ -494,7 +616,7 @@ def plan(
         for s in still_held
         if s.state == StudyState.ASSIGNED and s.deadline - now <= policy.escalate_s(s.priority)
     ]
-    queue = sorted([*ready, *at_risk], key=lambda s: urgency_key(s, now, policy))
+    queue = sorted([*ready, *at_risk], key=urgency)
     free = sum(
         max(0, ld.reader.max_concurrent - ld.count)
         for ld in loads.values()
@@ -591,7 +713,7 @@ def next_for(
     if load is None:
         return None
     ready = [s for s in studies if s.state == StudyState.READY]
-    ready.sort(key=lambda s: urgency_key(s, now, policy))
+    ready.sort(key=_key_function(now, policy))
     for st in ready:
         if _static_ineligibility(load.reader, load.status, st, policy) is not None:
             continue

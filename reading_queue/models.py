@@ -264,7 +264,12 @@ def make_engine(url: str) -> Engine:
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
             # IMMEDIATE: take the write lock up front, so two writers never deadlock.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Read-only sessions (``engine.execution_options(read_only=True)``) begin a
+            # plain snapshot instead: WAL lets them run beside the writer.
+            if conn.get_execution_options().get("read_only"):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     else:
         engine = create_engine(url, pool_pre_ping=True)

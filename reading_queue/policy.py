@@ -67,7 +67,8 @@ class QueuePolicy(BaseModel):
     #: no more pushes to a reader whose work ahead of the study would exceed this
     #: (STAT ignores it: only the concurrent-study cap holds a STAT back)
     max_backlog_minutes: float = 60.0
-    #: weight of the fairness term: minutes of recent work count this much against a reader
+    #: weight of the fairness term: a reader busy all their recent shift time counts as this
+    #: many hours of extra projected work (so 0.25: 15 minutes; STAT ignores it)
     fairness_weight: float = 0.25
     #: minutes of projected load a station's preferred reader is forgiven
     preferred_bonus_minutes: float = 10.0

@@ -27,12 +27,13 @@ from typing import Any
 
 import httpx
 from pydicom.dataset import Dataset
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import Table, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from reading_queue import QueueError
 from reading_queue.engine import (
+    FAIRNESS_WINDOW_S,
     HELD,
     Decision,
     DecisionKind,
@@ -42,6 +43,7 @@ from reading_queue.engine import (
     ineligibility,
     next_for,
     plan,
+    remaining_rvu,
     shift_status,
 )
 from reading_queue.ingest import hash_token
@@ -65,8 +67,8 @@ S = StudyState
 _HELD = [s.value for s in HELD]
 _OPEN_FOR_ENGINE = [S.READY.value, *_HELD]
 _CANCELLABLE = [S.RECEIVED.value, S.READY.value, *_HELD, S.PRELIMINARY.value]
-_RECENT_WORK_S = 12 * 3600.0  # fairness window: RVU read in the last 12 h
-_CLAIM_CANDIDATES = 64
+_RECENT_WORK_S = FAIRNESS_WINDOW_S  # RVU read in the fairness window
+_CLAIM_CANDIDATES = 16
 
 
 class StaleState(QueueError):
@@ -145,7 +147,13 @@ class Worklist:
         self.header_reader = header_reader
         self.clock = clock
         self.session: sessionmaker[Session] = sessionmaker(engine, expire_on_commit=False)
+        #: for queries: no write lock on SQLite
+        self.read: sessionmaker[Session] = sessionmaker(
+            engine.execution_options(read_only=True), expire_on_commit=False
+        )
         self.is_postgres = engine.dialect.name == "postgresql"
+        self._spec_cache: dict[str, tuple[float, RadiologistSpec]] = {}
+        self._claim_sql: dict[str, tuple[Any, Any]] = {}
 
     # -- roster ----------------------------------------------------------------------------
 
@@ -178,19 +186,19 @@ class Worklist:
                 raise UnknownRadiologist(f"no radiologist {key!r}")
 
     def radiologist(self, key: str) -> RadiologistSpec:
-        with self.session() as s:
+        with self.read() as s:
             row = s.scalar(select(Radiologist).where(Radiologist.key == key))
             if row is None:
                 raise UnknownRadiologist(f"no radiologist {key!r}")
             return _spec(row)
 
     def radiologists(self) -> list[RadiologistSpec]:
-        with self.session() as s:
+        with self.read() as s:
             return [_spec(r) for r in s.scalars(select(Radiologist).order_by(Radiologist.key))]
 
     def roster_status(self, now: float | None = None) -> list[ReaderStatus]:
         now = self.clock() if now is None else now
-        with self.session() as s:
+        with self.read() as s:
             specs = [_spec(r) for r in s.scalars(select(Radiologist).order_by(Radiologist.key))]
             loads = {
                 key: (int(n), float(rvu or 0.0))
@@ -230,14 +238,14 @@ class Worklist:
         return token
 
     def station(self, name: str) -> StationSpec:
-        with self.session() as s:
+        with self.read() as s:
             row = s.scalar(select(Station).where(Station.name == name))
             if row is None:
                 raise QueueError(f"no station {name!r}")
             return _station_spec(row)
 
     def stations(self) -> list[StationSpec]:
-        with self.session() as s:
+        with self.read() as s:
             return [_station_spec(r) for r in s.scalars(select(Station).order_by(Station.name))]
 
     def load_roster(self, roster: Roster) -> dict[str, str]:
@@ -255,7 +263,7 @@ class Worklist:
 
     def consume_events(self, limit: int = 500, now: float | None = None) -> int:
         """Turn ``study_received`` events of the ingest outbox into worklist studies."""
-        with self.session() as s:
+        with self.read() as s:
             pending = list(
                 s.execute(
                     select(StudyEvent.id, StudyEvent.study_uid)
@@ -526,31 +534,51 @@ class Worklist:
         self, now: float | None = None, *, explain: bool = False, assign: bool = True
     ) -> RoundResult:
         """One round: apply the engine's plan for every open study (``assign=False``: pull
-        mode, only releases and escalations)."""
-        now = self.clock() if now is None else now
+        mode, only releases and escalations).
+
+        Every reader row is locked for the round (pull claims and manual assignments lock
+        their reader's row too, so none runs meanwhile); studies are not locked while the
+        engine thinks: a radiologist who opens or reports a study at the same moment makes
+        one guarded UPDATE match nothing, the round rolls back and is planned again."""
+        for attempt in range(3):
+            try:
+                return self._round(self.clock() if now is None else now, explain, assign)
+            except StaleState as exc:
+                if attempt == 2:
+                    raise
+                logger.info("round raced with a reader (%s); planning again", exc)
+        raise AssertionError("unreachable")
+
+    def _round(self, now: float, explain: bool, assign: bool) -> RoundResult:
         with self.session.begin() as s:
             rows = s.scalars(select(Radiologist).order_by(Radiologist.id).with_for_update()).all()
             specs = [_spec(r) for r in rows]
             stations = _station_prefs(s)
-            studies = self._load_open(s, stations)
+            studies = [
+                _queued(row, stations)
+                for row in s.execute(
+                    select(*_QUEUED_COLUMNS).where(Study.state.in_(_OPEN_FOR_ENGINE))
+                )
+            ]
             recent = self._recent_rvu(s, now)
-            readers = _with_loads(specs, studies, recent)
+            readers = _with_loads(specs, studies, recent, now)
             sticky = self._sticky(s, now)
             result = plan(
                 now, studies, readers, self.policy, sticky=sticky, explain=explain, assign=assign
             )
             out = RoundResult(decisions=result.decisions, waiting=result.waiting)
             by_uid = {st.uid: st for st in studies}
-            for d in result.decisions:
+            kinds = {k: [d for d in result.decisions if d.kind is k] for k in DecisionKind}
+            self._release_many(s, kinds[DecisionKind.RELEASE], by_uid, now, actor="engine")
+            for d in kinds[DecisionKind.ESCALATE]:
+                self._escalate(s, by_uid[d.study_uid], d, now)
+            for d in kinds[DecisionKind.REASSIGN]:
                 self._apply(s, d, by_uid[d.study_uid], now, mode="push", actor="engine")
-                if d.kind is DecisionKind.ASSIGN:
-                    out.assigned += 1
-                elif d.kind is DecisionKind.REASSIGN:
-                    out.reassigned += 1
-                elif d.kind is DecisionKind.RELEASE:
-                    out.released += 1
-                else:
-                    out.escalated += 1
+            self._assign_many(s, kinds[DecisionKind.ASSIGN], now, mode="push", actor="engine")
+            out.assigned = len(kinds[DecisionKind.ASSIGN])
+            out.reassigned = len(kinds[DecisionKind.REASSIGN])
+            out.released = len(kinds[DecisionKind.RELEASE])
+            out.escalated = len(kinds[DecisionKind.ESCALATE])
         if out.assigned or out.reassigned or out.released or out.escalated:
             logger.info(
                 "round: %d assigned, %d reassigned, %d released, %d escalated",
@@ -561,15 +589,139 @@ class Worklist:
             )
         return out
 
-    def _load_open(
-        self, s: Session, stations: dict[str, tuple[frozenset[str], frozenset[str]]]
-    ) -> list[QueuedStudy]:
-        q = (
-            select(*_QUEUED_COLUMNS)
-            .where(Study.state.in_(_OPEN_FOR_ENGINE))
-            .with_for_update(of=Study)
+    def _guarded_many(self, s: Session, stmt: Any, params: list[dict[str, Any]], what: str) -> None:
+        """executemany of a guarded UPDATE; every row must have matched."""
+        if not params:
+            return
+        res = s.connection().execute(stmt, params)
+        changed = int(getattr(res, "rowcount", -1))
+        if changed != len(params):
+            raise StaleState(f"{what}: {changed} of {len(params)} studies were as expected")
+
+    def _events_many(self, s: Session, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            s.connection().execute(insert(_EVENTS), rows)
+
+    def _assign_many(
+        self, s: Session, decisions: list[Decision], now: float, *, mode: str, actor: str
+    ) -> None:
+        if not decisions:
+            return
+        t = _STUDIES
+        stmt = (
+            update(t)
+            .where(t.c.study_uid == bindparam("b_uid"), t.c.state == S.READY.value)
+            .values(
+                state=S.ASSIGNED.value,
+                assignee=bindparam("b_who"),
+                assigned_at=now,
+                lease_expires_at=bindparam("b_lease"),
+                version=t.c.version + 1,
+                updated_at=now,
+            )
         )
-        return [_queued(row, stations) for row in s.execute(q)]
+        self._guarded_many(
+            s,
+            stmt,
+            [
+                {"b_uid": d.study_uid, "b_who": d.radiologist, "b_lease": d.lease_expires_at}
+                for d in decisions
+            ],
+            "assign",
+        )
+        self._events_many(
+            s,
+            [
+                {
+                    "study_uid": d.study_uid,
+                    "kind": "assigned",
+                    "from_state": S.READY.value,
+                    "to_state": S.ASSIGNED.value,
+                    "radiologist": d.radiologist,
+                    "actor": actor,
+                    "detail": {"mode": mode, "reasons": list(d.reasons)},
+                    "at": now,
+                }
+                for d in decisions
+            ],
+        )
+        s.connection().execute(
+            insert(_ASSIGNMENTS),
+            [
+                {
+                    "study_uid": d.study_uid,
+                    "radiologist": d.radiologist,
+                    "mode": mode,
+                    "reasons": list(d.reasons),
+                    "assigned_at": now,
+                    "end_reason": "",
+                }
+                for d in decisions
+            ],
+        )
+
+    def _release_many(
+        self,
+        s: Session,
+        decisions: list[Decision],
+        by_uid: dict[str, QueuedStudy],
+        now: float,
+        *,
+        actor: str,
+    ) -> None:
+        if not decisions:
+            return
+        t = _STUDIES
+        stmt = (
+            update(t)
+            .where(
+                t.c.study_uid == bindparam("b_uid"),
+                t.c.state == bindparam("b_state"),
+                t.c.assignee == bindparam("b_who"),
+            )
+            .values(
+                state=S.READY.value,
+                assignee=None,
+                assigned_at=None,
+                lease_expires_at=None,
+                started_at=None,
+                version=t.c.version + 1,
+                updated_at=now,
+            )
+        )
+        states = {d.study_uid: str(by_uid[d.study_uid].state) for d in decisions}
+        self._guarded_many(
+            s,
+            stmt,
+            [
+                {"b_uid": d.study_uid, "b_state": states[d.study_uid], "b_who": d.radiologist}
+                for d in decisions
+            ],
+            "release",
+        )
+        self._events_many(
+            s,
+            [
+                {
+                    "study_uid": d.study_uid,
+                    "kind": "released",
+                    "from_state": states[d.study_uid],
+                    "to_state": S.READY.value,
+                    "radiologist": d.radiologist or "",
+                    "actor": actor,
+                    "detail": {"reasons": list(d.reasons)},
+                    "at": now,
+                }
+                for d in decisions
+            ],
+        )
+        a = _ASSIGNMENTS
+        s.connection().execute(
+            update(a)
+            .where(a.c.study_uid == bindparam("b_uid"), a.c.ended_at.is_(None))
+            .values(ended_at=now, end_reason=bindparam("b_reason")),
+            [{"b_uid": d.study_uid, "b_reason": _end_reason(d)} for d in decisions],
+        )
 
     def _apply(
         self, s: Session, d: Decision, st: QueuedStudy, now: float, *, mode: str, actor: str
@@ -669,55 +821,110 @@ class Worklist:
             s.add(WebhookDelivery(event_id=event_id, url=url, payload=payload, next_attempt_at=now))
         logger.warning("study %s %s", st.uid, "; ".join(d.reasons))
 
+    def _claim_spec(self, s: Session, radiologist: str) -> RadiologistSpec:
+        """Lock the reader's row; the parsed profile is cached until the row changes."""
+        row = s.execute(
+            select(Radiologist.id, Radiologist.updated_at)
+            .where(Radiologist.key == radiologist)
+            .with_for_update()
+        ).first()
+        if row is None:
+            raise UnknownRadiologist(f"no radiologist {radiologist!r}")
+        cached = self._spec_cache.get(radiologist)
+        if cached is not None and cached[0] == row.updated_at:
+            return cached[1]
+        full = s.get(Radiologist, row.id)
+        assert full is not None
+        spec = _spec(full)
+        self._spec_cache[radiologist] = (row.updated_at, spec)
+        return spec
+
     def claim_next(self, radiologist: str, now: float | None = None) -> Decision | None:
-        """Pull mode: give ``radiologist`` the most urgent study they may read, if any."""
+        """Pull mode: give ``radiologist`` the most urgent study they may read, if any.
+
+        The reader's row is locked (one claim per reader at a time: capacity holds); the
+        chosen study is locked with ``FOR UPDATE SKIP LOCKED``, so claimers racing for the
+        same study do not wait: the loser takes its next candidate. Candidates come in
+        deadline order, a page at a time, pre-filtered in SQL by modality, licence, language
+        and subspecialty; the engine decides."""
         now = self.clock() if now is None else now
         with self.session.begin() as s:
-            row = s.scalar(
-                select(Radiologist).where(Radiologist.key == radiologist).with_for_update()
-            )
-            if row is None:
-                raise UnknownRadiologist(f"no radiologist {radiologist!r}")
-            spec = _spec(row)
-            held = [
-                (int(p), float(r))
-                for p, r in s.execute(
-                    select(Study.priority, Study.rvu).where(
-                        Study.assignee == radiologist, Study.state.in_(_HELD)
-                    )
+            spec = self._claim_spec(s, radiologist)
+            held = s.execute(
+                select(Study.priority, Study.rvu, Study.state, Study.started_at).where(
+                    Study.assignee == radiologist, Study.state.in_(_HELD)
                 )
-            ]
+            ).all()
             if len(held) >= spec.max_concurrent:
                 return None
-            stations = _station_prefs(s)
-            candidates = [
-                _queued(r, stations)
-                for r in s.execute(
-                    select(*_QUEUED_COLUMNS)
-                    .where(Study.state == S.READY.value, *_coarse_filter(spec))
-                    .order_by(Study.deadline)
-                    .limit(_CLAIM_CANDIDATES)
-                    .with_for_update(skip_locked=True, of=Study)
-                )
-            ]
-            if not candidates:
-                return None
-            recent = self._recent_rvu(s, now, radiologist)
             open_rvu = [0.0, 0.0, 0.0]
-            for p, r in held:
-                open_rvu[p] += r
+            in_progress = 0.0
+            for p, r, state, started in held:
+                if state == S.IN_PROGRESS:
+                    in_progress += remaining_rvu(float(r), started, now, spec.rvu_per_hour)
+                else:
+                    open_rvu[int(p)] += float(r)
             reader = spec.reader(
                 open_count=len(held),
                 open_rvu=(open_rvu[0], open_rvu[1], open_rvu[2]),
-                recent_rvu=recent.get(radiologist, 0.0),
+                in_progress_rvu=in_progress,
+                recent_rvu=self._recent_rvu(s, now, radiologist).get(radiologist, 0.0),
             )
-            decision = next_for(now, radiologist, candidates, [reader], self.policy)
+            decision = self._claim_from_pages(s, spec, reader, now)
             if decision is None:
                 return None
-            st = next(c for c in candidates if c.uid == decision.study_uid)
-            self._apply(s, decision, st, now, mode="pull", actor=f"radiologist:{radiologist}")
+            self._assign_many(s, [decision], now, mode="pull", actor=f"radiologist:{radiologist}")
         logger.info("study %s claimed by %s", decision.study_uid, radiologist)
         return decision
+
+    def _claim_from_pages(
+        self, s: Session, spec: RadiologistSpec, reader: Reader, now: float
+    ) -> Decision | None:
+        first, rest = self._claim_queries(spec)
+        params: dict[str, Any] = {"b_deadline": 0.0, "b_uid": ""}
+        stmt = first
+        while True:
+            rows = s.execute(stmt, params).all()
+            if not rows:
+                return None
+            candidates = [_queued(r, _prefs_of(r)) for r in rows]
+            while candidates:
+                decision = next_for(now, spec.key, candidates, [reader], self.policy)
+                if decision is None:
+                    break
+                locked = s.execute(_LOCK_READY, {"b_uid": decision.study_uid}).first()
+                if locked is not None:
+                    return decision
+                # another claimer holds or just took it: the next one
+                candidates = [c for c in candidates if c.uid != decision.study_uid]
+            if len(rows) < _CLAIM_CANDIDATES:
+                return None
+            params = {"b_deadline": float(rows[-1].deadline), "b_uid": str(rows[-1].study_uid)}
+            stmt = rest
+
+    def _claim_queries(self, spec: RadiologistSpec) -> tuple[Any, Any]:
+        """The reader's candidate queries (first page, next pages), built once per profile."""
+        key = (spec.modalities, spec.licences, spec.languages, spec.subspecialties)
+        cache_key = repr(key)
+        found = self._claim_sql.get(cache_key)
+        if found is None:
+            base = (
+                select(*_QUEUED_COLUMNS, Station.preferred, Station.excluded)
+                .outerjoin(Station, Station.name == Study.station)
+                .where(Study.state == S.READY.value, *_coarse_filter(spec))
+                .order_by(Study.deadline, Study.study_uid)
+                .limit(_CLAIM_CANDIDATES)
+            )
+            after = or_(
+                Study.deadline > bindparam("b_deadline"),
+                and_(
+                    Study.deadline == bindparam("b_deadline"),
+                    Study.study_uid > bindparam("b_uid"),
+                ),
+            )
+            found = (base, base.where(after))
+            self._claim_sql[cache_key] = found
+        return found
 
     # -- the radiologist's side ------------------------------------------------------------
 
@@ -1000,7 +1207,7 @@ class Worklist:
     ) -> int:
         """Post due escalation webhooks; failures back off (10 s doubling, at most 1 h)."""
         now = self.clock() if now is None else now
-        with self.session() as s:
+        with self.read() as s:
             due = list(
                 s.scalars(
                     select(WebhookDelivery)
@@ -1060,13 +1267,13 @@ class Worklist:
     # -- queries ---------------------------------------------------------------------------
 
     def study(self, uid: str) -> Study:
-        with self.session() as s:
+        with self.read() as s:
             return self._state_of(s, uid, lock=False)
 
     def studies(
         self, *, states: Sequence[str] | None = None, radiologist: str | None = None
     ) -> list[Study]:
-        with self.session() as s:
+        with self.read() as s:
             q = select(Study)
             if states:
                 q = q.where(Study.state.in_(list(states)))
@@ -1075,7 +1282,7 @@ class Worklist:
             return list(s.scalars(q.order_by(Study.deadline)))
 
     def history(self, uid: str) -> list[WorklistEvent]:
-        with self.session() as s:
+        with self.read() as s:
             return list(
                 s.scalars(
                     select(WorklistEvent)
@@ -1085,7 +1292,7 @@ class Worklist:
             )
 
     def assignments(self, uid: str) -> list[Assignment]:
-        with self.session() as s:
+        with self.read() as s:
             return list(
                 s.scalars(
                     select(Assignment).where(Assignment.study_uid == uid).order_by(Assignment.id)
@@ -1094,6 +1301,16 @@ class Worklist:
 
 
 # -- row <-> engine data -----------------------------------------------------------------
+
+_STATE = {st.value: st for st in StudyState}
+_STUDIES: Table = Study.__table__  # type: ignore[assignment]
+_EVENTS: Table = WorklistEvent.__table__  # type: ignore[assignment]
+_ASSIGNMENTS: Table = Assignment.__table__  # type: ignore[assignment]
+
+
+def _prefs_of(row: Any) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
+    return {row.station: (frozenset(row.preferred or ()), frozenset(row.excluded or ()))}
+
 
 _QUEUED_COLUMNS = (
     Study.study_uid,
@@ -1111,6 +1328,7 @@ _QUEUED_COLUMNS = (
     Study.assignee,
     Study.lease_expires_at,
     Study.escalated_at,
+    Study.started_at,
 )
 
 
@@ -1130,10 +1348,11 @@ def _queued(row: Any, stations: dict[str, tuple[frozenset[str], frozenset[str]]]
         patient_key=row.patient_key,
         preferred=preferred,
         excluded=excluded,
-        state=StudyState(row.state),
+        state=_STATE[row.state],
         assignee=row.assignee,
         lease_expires_at=row.lease_expires_at,
         escalated=row.escalated_at is not None,
+        started_at=row.started_at,
     )
 
 
@@ -1143,22 +1362,44 @@ def _queued_from_row(
     return _queued(st, stations)
 
 
-def _station_prefs(s: Session) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
+_LOCK_READY = (
+    select(Study.study_uid)
+    .where(Study.study_uid == bindparam("b_uid"), Study.state == S.READY.value)
+    .with_for_update(skip_locked=True)
+)
+
+
+def _station_prefs(
+    s: Session, names: set[str] | None = None
+) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
+    q = select(Station.name, Station.preferred, Station.excluded)
+    if names is not None:
+        q = q.where(Station.name.in_(sorted(names)))
     return {
-        name: (frozenset(pref or ()), frozenset(excl or ()))
-        for name, pref, excl in s.execute(select(Station.name, Station.preferred, Station.excluded))
+        name: (frozenset(pref or ()), frozenset(excl or ())) for name, pref, excl in s.execute(q)
     }
 
 
 def _with_loads(
-    specs: Sequence[RadiologistSpec], studies: Sequence[QueuedStudy], recent: dict[str, float]
+    specs: Sequence[RadiologistSpec],
+    studies: Sequence[QueuedStudy],
+    recent: dict[str, float],
+    now: float,
 ) -> list[Reader]:
+    rates = {spec.key: spec.rvu_per_hour for spec in specs}
     counts: dict[str, int] = {}
     rvus: dict[str, list[float]] = {}
+    in_progress: dict[str, float] = {}
     for st in studies:
-        if st.state in HELD and st.assignee:
-            counts[st.assignee] = counts.get(st.assignee, 0) + 1
-            rvus.setdefault(st.assignee, [0.0, 0.0, 0.0])[st.priority] += st.rvu
+        who = st.assignee
+        if st.state not in HELD or not who:
+            continue
+        counts[who] = counts.get(who, 0) + 1
+        if st.state == StudyState.IN_PROGRESS:
+            left = remaining_rvu(st.rvu, st.started_at, now, rates.get(who, 8.0))
+            in_progress[who] = in_progress.get(who, 0.0) + left
+        else:
+            rvus.setdefault(who, [0.0, 0.0, 0.0])[st.priority] += st.rvu
     out = []
     for spec in specs:
         r = rvus.get(spec.key, [0.0, 0.0, 0.0])
@@ -1166,6 +1407,7 @@ def _with_loads(
             spec.reader(
                 open_count=counts.get(spec.key, 0),
                 open_rvu=(r[0], r[1], r[2]),
+                in_progress_rvu=in_progress.get(spec.key, 0.0),
                 recent_rvu=recent.get(spec.key, 0.0),
             )
         )
