@@ -29,6 +29,18 @@ class RosterError(QueueError):
     pass
 
 
+_DAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+
+
+def _day(token: str) -> int:
+    """``mon``, ``tues``, ``Monday``: at least three letters of a day's name, nothing else."""
+    token = token.strip().lower()
+    for i, name in enumerate(_DAY_NAMES):
+        if len(token) >= 3 and name.startswith(token):
+            return i
+    raise ValueError(f"unknown day {token!r}: use mon..sun, ranges like mon-fri")
+
+
 def parse_days(text: str) -> list[int]:
     """``mon-fri``, ``sat,sun``, ``daily`` -> weekday numbers (Monday 0)."""
     text = text.strip().lower()
@@ -36,17 +48,12 @@ def parse_days(text: str) -> list[int]:
         return list(range(7))
     days: list[int] = []
     for part in text.split(","):
-        part = part.strip()
         if "-" in part:
-            a, b = (p.strip()[:3] for p in part.split("-", 1))
-            if a not in DAYS or b not in DAYS:
-                raise ValueError(f"unknown day range {part!r}")
-            i, j = DAYS.index(a), DAYS.index(b)
-            days.extend(DAYS.index(DAYS[(i + k) % 7]) for k in range((j - i) % 7 + 1))
+            first, last = part.split("-", 1)
+            i, j = _day(first), _day(last)
+            days.extend((i + k) % 7 for k in range((j - i) % 7 + 1))
         else:
-            if part[:3] not in DAYS:
-                raise ValueError(f"unknown day {part!r}: use mon..sun, ranges like mon-fri")
-            days.append(DAYS.index(part[:3]))
+            days.append(_day(part))
     return sorted(set(days))
 
 
@@ -70,6 +77,14 @@ class ShiftSpec(BaseModel):
     start: str
     end: str
     on_call: bool = False
+
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _yaml_sexagesimal(cls, v: Any) -> Any:
+        """YAML 1.1 reads an unquoted ``15:00`` as the base-60 number 900: take it back."""
+        if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 24 * 60:
+            return f"{v // 60:02d}:{v % 60:02d}"
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> ShiftSpec:
@@ -108,7 +123,7 @@ def _lower_list(values: list[str]) -> list[str]:
 
 class RadiologistSpec(BaseModel):
     key: str
-    name: str = ""
+    name: str = Field(default="", max_length=128)
     modalities: list[str]
     subspecialties: list[str] = Field(default_factory=list)
     #: jurisdictions: ISO 3166 country (``VN``) or subdivision (``VN-HN``, ``KH-12``)
@@ -126,6 +141,14 @@ class RadiologistSpec(BaseModel):
     def _key(cls, v: str) -> str:
         if not _KEY.match(v):
             raise ValueError("key: letters, digits, '.', '_' or '-', at most 64")
+        return v
+
+    @field_validator("shifts", mode="before")
+    @classmethod
+    def _shift_strings(cls, v: Any) -> Any:
+        """Files may write shifts as tables or in the CLI's form 'mon-fri 07:00-15:00'."""
+        if isinstance(v, list):
+            return [ShiftSpec.parse(x) if isinstance(x, str) else x for x in v]
         return v
 
     @field_validator("modalities", "licences")
@@ -183,22 +206,29 @@ class RadiologistSpec(BaseModel):
 class PacsDestination(BaseModel):
     """A hospital PACS that gets this station's reports (DICOM C-STORE)."""
 
-    name: str
-    aet: str
-    host: str
-    port: int
+    name: str = Field(min_length=1, max_length=64)
+    aet: str = Field(min_length=1, max_length=16)
+    host: str = Field(min_length=1, max_length=255)
+    port: int = Field(ge=1, le=65535)
 
 
 class StationSpec(BaseModel):
     name: str
-    institution: str = ""
-    jurisdiction: str = ""
-    language: str = ""
+    institution: str = Field(default="", max_length=128)
+    jurisdiction: str = Field(default="", max_length=16)
+    language: str = Field(default="", max_length=8)
     preferred: list[str] = Field(default_factory=list)
     excluded: list[str] = Field(default_factory=list)
     #: SLA minutes per priority from this institution's contract, e.g. ``{stat = 20}``
     sla_minutes: dict[str, float] = Field(default_factory=dict)
     pacs: list[PacsDestination] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _KEY.match(v):
+            raise ValueError("name: letters, digits, '.', '_' or '-', at most 64")
+        return v
 
     @field_validator("jurisdiction")
     @classmethod

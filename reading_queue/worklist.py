@@ -58,7 +58,14 @@ from reading_queue.models import (
     WorklistEvent,
 )
 from reading_queue.policy import QueuePolicy
-from reading_queue.roster import PacsDestination, RadiologistSpec, Roster, ShiftSpec, StationSpec
+from reading_queue.roster import (
+    PacsDestination,
+    RadiologistSpec,
+    Roster,
+    RosterError,
+    ShiftSpec,
+    StationSpec,
+)
 from telerad.config import Priority
 
 logger = logging.getLogger(__name__)
@@ -160,18 +167,22 @@ class Worklist:
     def upsert_radiologist(self, spec: RadiologistSpec) -> bool:
         """Create or update a radiologist; True when created. A lower capacity or a deactivation
         takes effect at the next round (not-started studies go back to the pool)."""
-        now = self.clock()
-        values = _radiologist_values(spec)
         with self.session.begin() as s:
-            row = s.scalar(select(Radiologist).where(Radiologist.key == spec.key))
-            if row is None:
-                s.add(Radiologist(key=spec.key, created_at=now, updated_at=now, **values))
-                created = True
-            else:
-                for k, v in values.items():
-                    setattr(row, k, v)
-                row.updated_at = now
-                created = False
+            return self._upsert_radiologist(s, spec, self.clock())
+
+    def _upsert_radiologist(self, s: Session, spec: RadiologistSpec, now: float) -> bool:
+        values = _radiologist_values(spec)
+        row = s.scalar(select(Radiologist).where(Radiologist.key == spec.key))
+        if row is None:
+            s.add(Radiologist(key=spec.key, created_at=now, updated_at=now, **values))
+            created = True
+        else:
+            changed = any(getattr(row, k) != v for k, v in values.items())
+            for k, v in values.items():
+                setattr(row, k, v)
+            if changed:
+                row.updated_at = max(now, row.updated_at + 1e-6)  # claims cache by this
+            created = False
         logger.info("radiologist %s %s", spec.key, "added" if created else "updated")
         return created
 
@@ -218,23 +229,22 @@ class Worklist:
     def configure_station(self, spec: StationSpec) -> str | None:
         """Create or update a station's reading profile; returns a new station's upload token
         (shown once), None for an existing station (its token is kept)."""
-        values = _station_values(spec)
-        token: str | None = None
         with self.session.begin() as s:
-            row = s.scalar(select(Station).where(Station.name == spec.name))
-            if row is None:
-                token = secrets.token_urlsafe(32)
-                s.add(
-                    Station(
-                        name=spec.name,
-                        token_sha256=hash_token(token),
-                        created_at=self.clock(),
-                        **values,
-                    )
-                )
-            else:
-                for k, v in values.items():
-                    setattr(row, k, v)
+            return self._configure_station(s, spec)
+
+    def _configure_station(self, s: Session, spec: StationSpec) -> str | None:
+        values = _station_values(spec)
+        row = s.scalar(select(Station).where(Station.name == spec.name))
+        if row is not None:
+            for k, v in values.items():
+                setattr(row, k, v)
+            return None
+        token = secrets.token_urlsafe(32)
+        s.add(
+            Station(
+                name=spec.name, token_sha256=hash_token(token), created_at=self.clock(), **values
+            )
+        )
         return token
 
     def station(self, name: str) -> StationSpec:
@@ -249,15 +259,27 @@ class Worklist:
             return [_station_spec(r) for r in s.scalars(select(Station).order_by(Station.name))]
 
     def load_roster(self, roster: Roster) -> dict[str, str]:
-        """Seed or update radiologists and stations; returns tokens of newly created stations."""
+        """Seed or update radiologists and stations, all or nothing; returns the upload tokens
+        of newly created stations. Stations may name radiologists of the file or of the hub."""
         tokens: dict[str, str] = {}
-        for spec in roster.radiologists:
-            self.upsert_radiologist(spec)
-        for st in roster.stations:
-            token = self.configure_station(st)
-            if token is not None:
-                tokens[st.name] = token
+        now = self.clock()
+        with self.session.begin() as s:
+            known = set(s.scalars(select(Radiologist.key))) | {r.key for r in roster.radiologists}
+            for st in roster.stations:
+                unknown = sorted(set(st.preferred + st.excluded) - known)
+                if unknown:
+                    raise RosterError(f"station {st.name} names unknown radiologists {unknown}")
+            for spec in roster.radiologists:
+                self._upsert_radiologist(s, spec, now)
+            for st in roster.stations:
+                token = self._configure_station(s, st)
+                if token is not None:
+                    tokens[st.name] = token
         return tokens
+
+    def has_roster(self) -> bool:
+        with self.read() as s:
+            return s.scalar(select(func.count()).select_from(Radiologist)) != 0
 
     # -- intake ----------------------------------------------------------------------------
 
@@ -1070,6 +1092,8 @@ class Worklist:
                 raise NotEligible(f"{radiologist} cannot read study {uid}: {why}")
             reasons = [f"manual by {actor}"] + ([f"forced although {why}"] if why else [])
             previous = st.assignee
+            if previous == radiologist:
+                raise StaleState(f"study {uid} is already {st.state} with {radiologist}")
             self._transition(
                 s,
                 uid,
@@ -1283,13 +1307,16 @@ class Worklist:
 
     def history(self, uid: str) -> list[WorklistEvent]:
         with self.read() as s:
-            return list(
+            events = list(
                 s.scalars(
                     select(WorklistEvent)
                     .where(WorklistEvent.study_uid == uid)
                     .order_by(WorklistEvent.id)
                 )
             )
+            if not events and s.get(Study, uid) is None:
+                raise UnknownStudy(f"no study {uid} on the worklist")
+            return events
 
     def assignments(self, uid: str) -> list[Assignment]:
         with self.read() as s:

@@ -437,8 +437,8 @@ def _open_ingest(settings: HubSettings) -> IngestService:
 
 def _open_queue(settings: HubSettings) -> tuple[IngestService, Worklist]:
     """The hub's ingest service and worklist, as the running hub opens them, except that a
-    configured ``roster_file`` is not re-applied: the hub loads it when it starts, and
-    re-loading it before every command would undo the changes made with these commands."""
+    configured ``roster_file`` is not seeded here: seeding is the hub's job at its first
+    start (`telerad hub roster load` applies a file on purpose)."""
     from telerad.hub import open_ingest, open_worklist
 
     ingest = open_ingest(settings)

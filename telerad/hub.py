@@ -58,8 +58,11 @@ def open_worklist(settings: HubSettings, ingest: IngestService) -> Worklist:
         webhook_urls=settings.escalation_webhooks,
         header_reader=header,
     )
-    if settings.roster_file is not None:
+    if settings.roster_file is not None and not worklist.has_roster():
+        # A seed: applied to an empty hub only, so later admin changes survive restarts
+        # (`telerad hub roster load` applies a file on purpose).
         tokens = worklist.load_roster(load_roster(settings.roster_file))
+        logger.info("roster seeded from %s", settings.roster_file)
         for name in tokens:
             logger.info(
                 "station %s created from the roster; issue its token with "
