@@ -222,6 +222,9 @@ def shift_status(reader: Reader, now: float) -> ShiftStatus:
     return best or ShiftStatus(False, False)
 
 
+#: a STAT study pushed to a busy reader moves to a free one that would finish this much sooner
+STAT_MOVE_MARGIN_S = 120.0
+
 #: the fairness window: ``Reader.recent_rvu`` is what they finished in the last 12 hours
 FAIRNESS_WINDOW_S = 12 * 3600.0
 
@@ -504,7 +507,12 @@ def _choose(
                     if finish <= study.deadline:
                         return load, "chosen: reads this patient's other study (sticky)"
                     break
-    best = min(candidates, key=lambda c: (_score(c, study, policy), c.reader.key))
+    pool = candidates
+    if study.priority == Priority.STAT:
+        # A free reader starts now; a busy one's "almost done" is only an estimate.
+        idle = [c for c in candidates if c.ahead_of(study.priority) <= 0.0]
+        pool = idle or candidates
+    best = min(pool, key=lambda c: (_score(c, study, policy), c.reader.key))
     minutes = best.minutes_ahead(study.priority, study.rvu)
     why = f"chosen: least projected load ({minutes:.0f} min of work incl. this study"
     why += f", {len(candidates)} eligible with room)"
@@ -611,10 +619,13 @@ def plan(
 
     # 3. pre-emptive reassignment of at-risk studies nobody has opened yet,
     #    4. assignment of ready studies -- in one urgency order
+    #: not opened yet, so still movable: at-risk studies, and STAT whenever a free reader
+    #: would start it clearly sooner (late binding: a push is a promise, not a commitment)
     at_risk = [
         s
         for s in still_held
-        if s.state == StudyState.ASSIGNED and s.deadline - now <= policy.escalate_s(s.priority)
+        if s.state == StudyState.ASSIGNED
+        and (s.priority == Priority.STAT or s.deadline - now <= policy.escalate_s(s.priority))
     ]
     queue = sorted([*ready, *at_risk], key=urgency)
     free = sum(
@@ -636,18 +647,32 @@ def plan(
         if st.state == StudyState.ASSIGNED:
             current = loads[st.assignee or ""]
             finish_now = now + current.minutes_ahead(st.priority) * 60.0
-            if finish_now <= st.deadline or not candidates:
+            if not candidates:
                 continue
-            best, why = _choose(st, candidates, now, policy, sticky)
-            finish_new = now + best.minutes_ahead(st.priority, st.rvu) * 60.0
-            if finish_new >= finish_now:
-                continue
+            risky = st.deadline - now <= policy.escalate_s(st.priority)
+            if risky and finish_now > st.deadline:
+                best, why = _choose(st, candidates, now, policy, sticky)
+                finish_new = now + best.minutes_ahead(st.priority, st.rvu) * 60.0
+                if finish_new >= finish_now:
+                    continue
+                reason = (
+                    f"reassigned: {st.assignee} would finish "
+                    f"{_fmt_minutes(finish_now - st.deadline)} after the deadline"
+                )
+            else:
+                idle = [c for c in candidates if c.ahead_of(st.priority) <= 0.0]
+                if st.priority != Priority.STAT or not idle:
+                    continue
+                best, why = _choose(st, idle, now, policy, sticky)
+                finish_new = now + best.minutes_ahead(st.priority, st.rvu) * 60.0
+                if finish_new + STAT_MOVE_MARGIN_S >= finish_now:
+                    continue
+                reason = (
+                    f"reassigned: {best.reader.key} is free and would finish "
+                    f"{_fmt_minutes(finish_now - finish_new)} sooner than {st.assignee}"
+                )
             current.remove(st)
             best.add(st)
-            reason = (
-                f"reassigned: {st.assignee} would finish {_fmt_minutes(finish_now - st.deadline)}"
-                " after the deadline"
-            )
             out.decisions.append(
                 Decision(
                     DecisionKind.REASSIGN,

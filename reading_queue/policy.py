@@ -68,8 +68,9 @@ class QueuePolicy(BaseModel):
     #: (STAT ignores it: only the concurrent-study cap holds a STAT back)
     max_backlog_minutes: float = 60.0
     #: weight of the fairness term: a reader busy all their recent shift time counts as this
-    #: many hours of extra projected work (so 0.25: 15 minutes; STAT ignores it)
-    fairness_weight: float = 0.25
+    #: many hours of extra projected work (1.0: an hour; STAT ignores it). Measured with
+    #: benchmarks/worklist_sim.py: higher evens the workload, at some cost to STAT.
+    fairness_weight: float = 1.0
     #: minutes of projected load a station's preferred reader is forgiven
     preferred_bonus_minutes: float = 10.0
     #: a patient's new study goes to the reader of their studies from the last N days

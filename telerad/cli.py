@@ -1122,6 +1122,75 @@ def hub_claim(
         typer.echo(f"  {reason}")
 
 
+@hub_app.command("simulate")
+def hub_simulate(
+    roster: Annotated[
+        Path | None,
+        typer.Option(help="Roster file (YAML/TOML, the seed format); default: this hub's roster."),
+    ] = None,
+    arrivals: Annotated[
+        Path | None, typer.Option(help="Arrivals CSV (docs/worklist-simulation.md).")
+    ] = None,
+    synthetic: Annotated[
+        bool, typer.Option("--synthetic", help="A generated day instead of --arrivals.")
+    ] = False,
+    date: Annotated[str, typer.Option(help="Day of the synthetic arrivals.")] = "2026-11-23",
+    studies_per_station: Annotated[
+        float, typer.Option(help="Synthetic volume per station and day.")
+    ] = 9.0,
+    seed: Annotated[int, typer.Option(help="Random seed (arrivals, reading times).")] = 1,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the table as JSON.")
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Plot turnaround distributions (PNG).")] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Does this roster keep our SLAs? Replays arrivals against the roster with telerad's
+    engine, FIFO pull and round-robin push, using this hub's SLA policy, and prints the table."""
+    from zoneinfo import ZoneInfo
+
+    from reading_queue import QueueError
+    from reading_queue.roster import Roster, load_roster
+    from reading_queue.simulate import PEAK_TZ, compare, dump_json, load_arrivals, synthetic_day
+
+    if (arrivals is None) == (not synthetic):
+        _fail("give either --arrivals FILE or --synthetic", 2)
+    settings = _settings(HubSettings, config, data_dir=data_dir)
+    with _queue_errors():
+        if roster is not None:
+            plan = load_roster(roster)
+        else:
+            wl = _worklist(config, data_dir)
+            plan = Roster(radiologists=wl.radiologists(), stations=wl.stations())
+            if not plan.radiologists:
+                _fail("this hub has no radiologists yet: pass --roster FILE", 2)
+        if arrivals is not None:
+            days = load_arrivals(arrivals, plan)
+        else:
+            try:
+                day = datetime.fromisoformat(date).date()
+            except ValueError:
+                _fail(f"--date {date!r}: use YYYY-MM-DD", 2)
+            start = datetime(day.year, day.month, day.day, tzinfo=ZoneInfo(PEAK_TZ))
+            days = synthetic_day(
+                plan, seed=seed, start=start, studies_per_station=studies_per_station
+            )
+        if not days:
+            _fail("no arrivals to simulate", 2)
+        try:
+            report = compare(plan, days, settings.queue_policy, seed)
+        except QueueError:
+            raise
+    typer.echo(report.table())
+    if json_out is not None:
+        dump_json(report, json_out)
+        console.print(f"wrote {json_out}")
+    if plot is not None:
+        report.plot(plot)
+        console.print(f"wrote {plot}")
+
+
 # -- one study ----------------------------------------------------------------------------
 
 UidArg = Annotated[str, typer.Argument(help="Study Instance UID.")]

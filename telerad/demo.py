@@ -1,8 +1,9 @@
 """``telerad demo``: a hub and a station gateway on loopback with the sample studies flowing.
 
 It is the quick start's first command: generate the samples (once), start a hub (filesystem
-archive, SQLite) and a gateway, push the samples into the gateway with a C-STORE SCU as a
-modality would, and wait until the hub has committed every study.
+archive, SQLite) with a small roster, and a gateway, push the samples into the gateway with a
+C-STORE SCU as a modality would, wait until the hub has committed every study, and show the
+reading queue assigning them to radiologists (push mode), with the reasons.
 """
 
 from __future__ import annotations
@@ -20,8 +21,54 @@ from rich.table import Table
 from dicom_gateway.scu import send_paths
 from dicom_gateway.service import Gateway
 from reading_queue import QueueError
+from reading_queue.roster import RadiologistSpec, Roster, ShiftSpec, StationSpec
 from telerad.config import GatewaySettings, HubSettings, Priority
 from telerad.hub import Hub
+
+#: Around the clock, so the demo assigns whatever the time of day.
+_ALWAYS = [ShiftSpec(days="daily", start="00:00", end="24:00")]
+DEMO_ROSTER = Roster(
+    radiologists=[
+        RadiologistSpec(
+            key="dr.lan",
+            name="BS. Nguyen Lan (demo)",
+            modalities=["CT", "CR", "DX"],
+            subspecialties=["neuro"],
+            licences=["VN"],
+            languages=["vi", "en"],
+            shifts=_ALWAYS,
+            max_concurrent=3,
+            rvu_per_hour=8,
+        ),
+        RadiologistSpec(
+            key="dr.minh",
+            name="BS. Tran Minh (demo)",
+            modalities=["CR", "DX"],
+            licences=["VN-HN"],
+            languages=["vi"],
+            shifts=_ALWAYS,
+            max_concurrent=3,
+            rvu_per_hour=10,
+        ),
+        RadiologistSpec(
+            key="dr.sok",
+            name="Dr. Sok Dara (demo)",
+            modalities=["CT", "CR"],
+            licences=["KH"],
+            languages=["km", "en"],
+            timezone="Asia/Phnom_Penh",
+            shifts=_ALWAYS,
+        ),
+    ],
+    stations=[
+        StationSpec(
+            name="demo-station",
+            institution="Tram y te xa (demo)",
+            jurisdiction="VN-HN",
+            language="vi",
+        )
+    ],
+)
 
 
 def run_demo(data_dir: Path, *, ct_slices: int, serve: bool, console: Console) -> int:
@@ -53,10 +100,11 @@ def run_demo(data_dir: Path, *, ct_slices: int, serve: bool, console: Console) -
             console.print("[red]hub HTTP server did not start[/]")
             return 1
         time.sleep(0.05)
+    hub.worklist.load_roster(DEMO_ROSTER)  # creates the station, or updates it
     try:
-        token = hub.ingest.add_station("demo-station")
-    except QueueError:
         token = hub.ingest.rotate_token("demo-station")
+    except QueueError:
+        token = hub.ingest.add_station("demo-station")
     hub_url = f"http://127.0.0.1:{hub.http_port}"
     gw = Gateway(
         GatewaySettings(
@@ -121,8 +169,11 @@ def run_demo(data_dir: Path, *, ct_slices: int, serve: bool, console: Console) -
                     f"{s.bytes / 1e6:.1f}",
                 )
         console.print(table)
+        if not _show_worklist(hub, set(expected), console):
+            return 1
         console.print(
-            f"next: telerad hub studies --data-dir {data_dir / 'hub'}   |   "
+            f"next: telerad hub worklist --data-dir {data_dir / 'hub'}   |   "
+            f"telerad hub study history UID --data-dir {data_dir / 'hub'}   |   "
             f"telerad gateway status --data-dir {data_dir / 'gateway'}"
         )
         if serve:
@@ -137,3 +188,34 @@ def run_demo(data_dir: Path, *, ct_slices: int, serve: bool, console: Console) -
     finally:
         gw.stop()
         hub.stop()
+
+
+def _show_worklist(hub: Hub, uids: set[str], console: Console) -> bool:
+    """Wait for the queue to pick the committed studies up and print who reads what, and why."""
+    deadline = time.monotonic() + 60
+    while True:
+        hub.queue.notify()
+        rows = [st for st in hub.worklist.studies() if st.study_uid in uids]
+        if len(rows) == len(uids) and all(st.assignee for st in rows):
+            break
+        if time.monotonic() > deadline:
+            console.print("[red]the reading queue did not assign the studies within 60 s[/]")
+            return False
+        time.sleep(0.2)
+    table = Table(title="Reading queue (push mode)")
+    for col in ("study", "priority", "state", "radiologist", "due in", "chosen because"):
+        table.add_column(col, overflow="fold")
+    now = time.time()
+    for st in rows:
+        assigned = [e for e in hub.worklist.history(st.study_uid) if e.kind == "assigned"]
+        reasons = assigned[-1].detail.get("reasons", []) if assigned else []
+        table.add_row(
+            st.study_uid,
+            Priority(st.priority).label,
+            st.state,
+            st.assignee or "",
+            f"{(st.deadline - now) / 3600:.1f} h",
+            "; ".join(r.removeprefix("chosen: ") for r in reasons if r.startswith("chosen")),
+        )
+    console.print(table)
+    return True

@@ -39,6 +39,17 @@ def test_demo_flows_samples_to_the_hub(tmp_path: Path) -> None:
         ("CR", 1, "committed"),
         ("CT", 6, "committed"),
     ]
+    # The reading queue took them over and assigned them to eligible radiologists.
+    assert "Reading queue (push mode)" in logs
+    worklist = json.loads(
+        _run("hub", "worklist", "--json", "--data-dir", str(tmp_path / "hub")).stdout
+    )
+    assert sorted((w["modality"], w["state"]) for w in worklist) == [
+        ("CR", "assigned"),
+        ("CT", "assigned"),
+    ]
+    ct = next(w for w in worklist if w["modality"] == "CT")
+    assert ct["assignee"] == "dr.lan"  # the only CT reader licensed for VN-HN
     status = json.loads(
         _run("gateway", "status", "--json", "--data-dir", str(tmp_path / "gateway")).stdout
     )

@@ -458,3 +458,24 @@ def test_sticky_reader_for_the_same_patient(tmp_path: Path) -> None:
     assert wl.study("13.3").assignee == "dr-b"
     reasons = wl.history("13.2")[-1].detail["reasons"]
     assert any("sticky" in r for r in reasons)
+
+
+def test_roster_file_seeds_an_empty_hub_once(tmp_path: Path) -> None:
+    from telerad.config import HubSettings
+    from telerad.hub import open_ingest, open_worklist
+
+    roster = tmp_path / "roster.yaml"
+    roster.write_text(
+        "radiologists:\n"
+        "  - key: dr.lan\n    modalities: [CT, CR]\n    licences: [VN]\n"
+        "    shifts: ['mon-fri 07:00-15:00']\n"
+        "stations:\n  - name: tram-1\n    jurisdiction: VN-HN\n    language: vi\n"
+    )
+    settings = HubSettings(data_dir=tmp_path / "hub", roster_file=roster)
+    wl = open_worklist(settings, open_ingest(settings))
+    assert [r.key for r in wl.radiologists()] == ["dr.lan"]
+    assert wl.station("tram-1").jurisdiction == "VN-HN"
+    # An admin change survives the next start: the seed is not applied again.
+    wl.set_radiologist_active("dr.lan", False)
+    again = open_worklist(settings, open_ingest(settings))
+    assert again.radiologist("dr.lan").active is False
