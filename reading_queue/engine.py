@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, time, timedelta
+from datetime import date, datetime, time, timedelta
 from enum import StrEnum
 from functools import lru_cache
 from zoneinfo import ZoneInfo
@@ -190,36 +190,54 @@ def _zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
 
 
-def _window(day: datetime, shift: Shift) -> tuple[datetime, datetime]:
-    start = day.replace(hour=shift.start.hour, minute=shift.start.minute, second=0, microsecond=0)
-    end = day.replace(hour=shift.end.hour, minute=shift.end.minute, second=0, microsecond=0)
-    if end <= start:
-        end += timedelta(days=1)
-    return start, end
+def _local_ts(day: date, at: time, zone: ZoneInfo) -> float:
+    """Epoch seconds of a wall-clock time: the first occurrence in an autumn repeated hour,
+    and the end of the gap (the first instant the clock shows a later time) in spring."""
+    naive = datetime.combine(day, at)
+    ts = naive.replace(tzinfo=zone).timestamp()
+    if datetime.fromtimestamp(ts, zone).replace(tzinfo=None) == naive:
+        return ts
+    other = naive.replace(tzinfo=zone, fold=1).timestamp()
+    lo, hi = int(min(ts, other)), int(max(ts, other))
+    for x in range(lo - lo % 60, hi + 61, 60):
+        if datetime.fromtimestamp(x, zone).replace(tzinfo=None) >= naive:
+            return float(x)
+    return float(hi)
+
+
+def _window(day: date, shift: Shift, zone: ZoneInfo) -> tuple[float, float]:
+    """The shift's [start, end) on ``day`` in epoch seconds; ``end <= start`` runs past
+    midnight (so 00:00-00:00 is a whole day)."""
+    end_day = day + timedelta(days=1) if shift.end <= shift.start else day
+    return _local_ts(day, shift.start, zone), _local_ts(end_day, shift.end, zone)
 
 
 def shift_status(reader: Reader, now: float) -> ShiftStatus:
-    """Whether ``reader`` works at ``now``; a regular shift wins over an overlapping on-call."""
+    """Whether ``reader`` works at ``now``; a regular shift wins over an overlapping on-call.
+
+    ``ends_at`` is when they stop, following back-to-back windows of the same kind (a reader
+    on ``daily 00:00-24:00`` does not leave at midnight)."""
     if not reader.shifts:
         return ShiftStatus(False, False)
-    local = datetime.fromtimestamp(now, _zone(reader.timezone))
-    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
-    best: ShiftStatus | None = None
-    for back in (0, 1):  # a shift that started yesterday may still run
-        day = midnight - timedelta(days=back)
-        for shift in reader.shifts:
-            if shift.weekday != day.weekday():
-                continue
-            start, end = _window(day, shift)
-            if start <= local < end:
-                status = ShiftStatus(not shift.on_call, shift.on_call, end.timestamp())
-                # a regular shift beats on-call; of two alike, the one that runs longer
-                if best is None or (status.on_call, -end.timestamp()) < (
-                    best.on_call,
-                    -(best.ends_at or 0.0),
-                ):
-                    best = status
-    return best or ShiftStatus(False, False)
+    zone = _zone(reader.timezone)
+    today = datetime.fromtimestamp(now, zone).date()
+    windows = [
+        (*_window(today + timedelta(days=k), shift, zone), shift.on_call)
+        for k in range(-1, 8)
+        for shift in reader.shifts
+        if shift.weekday == (today + timedelta(days=k)).weekday()
+    ]
+    current = [w for w in windows if w[0] <= now < w[1]]
+    if not current:
+        return ShiftStatus(False, False)
+    # a regular shift beats on-call; of two alike, the one that runs longer
+    _, end, on_call = min(current, key=lambda w: (w[2], -w[1]))
+    for _ in range(len(windows)):
+        later = [w[1] for w in windows if w[2] == on_call and w[0] <= end < w[1]]
+        if not later:
+            break
+        end = max(later)
+    return ShiftStatus(not on_call, on_call, end)
 
 
 #: a STAT study pushed to a busy reader moves to a free one that would finish this much sooner
@@ -234,15 +252,15 @@ def on_shift_seconds(reader: Reader, start: float, end: float) -> float:
     if not reader.shifts or end <= start:
         return 0.0
     zone = _zone(reader.timezone)
-    last = datetime.fromtimestamp(end, zone).replace(hour=0, minute=0, second=0, microsecond=0)
+    last = datetime.fromtimestamp(end, zone).date()
     days = int((end - start) // 86400) + 2
     spans: list[tuple[float, float]] = []
     for back in range(days + 1):
         day = last - timedelta(days=back)
         for shift in reader.shifts:
             if shift.weekday == day.weekday():
-                a, b = _window(day, shift)
-                lo, hi = max(start, a.timestamp()), min(end, b.timestamp())
+                a, b = _window(day, shift, zone)
+                lo, hi = max(start, a), min(end, b)
                 if hi > lo:
                     spans.append((lo, hi))
     total, reach = 0.0, start
@@ -558,6 +576,7 @@ def plan(
 
     # 1. leases, shift ends, deactivation, capacity changes
     by_reader: dict[str, list[QueuedStudy]] = {}
+    held.sort(key=lambda st: st.uid)  # the plan must not depend on the input order
     for st in held:
         load = loads.get(st.assignee or "")
         why: str | None = None
@@ -566,10 +585,13 @@ def plan(
         elif st.lease_expires_at is not None and st.lease_expires_at <= now:
             why = f"released: lease expired {_fmt_minutes(now - st.lease_expires_at)} ago"
         elif st.state == StudyState.ASSIGNED:
+            blocked = _static_ineligibility(load.reader, load.status, st, policy)
             if not load.reader.active:
                 why = "released: reader deactivated"
-            elif _static_ineligibility(load.reader, load.status, st, policy) is not None:
+            elif blocked in ("off shift",) or (blocked or "").startswith("on call only"):
                 why = "released: reader's shift ended"
+            elif blocked is not None:
+                why = f"released: reader no longer eligible ({blocked})"
         if why is None:
             by_reader.setdefault(st.assignee or "", []).append(st)
             continue
@@ -633,6 +655,8 @@ def plan(
         for ld in loads.values()
         if ld.reader.active and (ld.status.on_shift or ld.status.on_call)
     )
+    passed_over: list[QueuedStudy] = []
+    moved = False
     for st in queue:
         if free <= 0 and st.state == StudyState.READY and not explain:
             break
@@ -643,64 +667,108 @@ def plan(
             and ld.reader.key != st.assignee
             and ld.has_room(st, policy)
         ]
-        slack = _slack(st, now)
         if st.state == StudyState.ASSIGNED:
-            current = loads[st.assignee or ""]
-            finish_now = now + current.minutes_ahead(st.priority) * 60.0
-            if not candidates:
-                continue
-            risky = st.deadline - now <= policy.escalate_s(st.priority)
-            if risky and finish_now > st.deadline:
-                best, why = _choose(st, candidates, now, policy, sticky)
-                finish_new = now + best.minutes_ahead(st.priority, st.rvu) * 60.0
-                if finish_new >= finish_now:
-                    continue
-                reason = (
-                    f"reassigned: {st.assignee} would finish "
-                    f"{_fmt_minutes(finish_now - st.deadline)} after the deadline"
-                )
-            else:
-                idle = [c for c in candidates if c.ahead_of(st.priority) <= 0.0]
-                if st.priority != Priority.STAT or not idle:
-                    continue
-                best, why = _choose(st, idle, now, policy, sticky)
-                finish_new = now + best.minutes_ahead(st.priority, st.rvu) * 60.0
-                if finish_new + STAT_MOVE_MARGIN_S >= finish_now:
-                    continue
-                reason = (
-                    f"reassigned: {best.reader.key} is free and would finish "
-                    f"{_fmt_minutes(finish_now - finish_new)} sooner than {st.assignee}"
-                )
-            current.remove(st)
-            best.add(st)
-            out.decisions.append(
-                Decision(
-                    DecisionKind.REASSIGN,
-                    st.uid,
-                    best.reader.key,
-                    previous=st.assignee,
-                    reasons=(reason, _eligible_reason(best, st), why, slack),
-                    lease_expires_at=now + policy.lease_s(st.priority),
-                )
-            )
+            if _reassign(st, candidates, loads, now, policy, sticky, out):
+                moved = True
             continue
-        if not candidates:
-            if explain:
-                out.waiting[st.uid] = _why_waiting(st, loads, policy)
+        if not _assign(st, candidates, now, policy, sticky, out):
+            passed_over.append(st)
             continue
-        best, why = _choose(st, candidates, now, policy, sticky)
-        best.add(st)
         free -= 1
-        out.decisions.append(
-            Decision(
-                DecisionKind.ASSIGN,
-                st.uid,
-                best.reader.key,
-                reasons=(_eligible_reason(best, st), why, slack),
-                lease_expires_at=now + policy.lease_s(st.priority),
-            )
-        )
+    if moved:
+        # capacity a reassignment freed is offered to the studies passed over before it
+        for st in passed_over:
+            candidates = [
+                ld
+                for ld in eligibility.readers_for(st)
+                if ld.reader.key != avoid.get(st.uid) and ld.has_room(st, policy)
+            ]
+            _assign(st, candidates, now, policy, sticky, out)
+    if explain:
+        assigned = {d.study_uid for d in out.decisions if d.kind is DecisionKind.ASSIGN}
+        for st in passed_over:
+            if st.uid not in assigned:
+                out.waiting[st.uid] = _why_waiting(st, loads, policy)
     return out
+
+
+def _assign(
+    st: QueuedStudy,
+    candidates: list[_Load],
+    now: float,
+    policy: QueuePolicy,
+    sticky: Mapping[str, str],
+    out: Plan,
+) -> bool:
+    if not candidates:
+        return False
+    best, why = _choose(st, candidates, now, policy, sticky)
+    best.add(st)
+    out.decisions.append(
+        Decision(
+            DecisionKind.ASSIGN,
+            st.uid,
+            best.reader.key,
+            reasons=(_eligible_reason(best, st), why, _slack(st, now)),
+            lease_expires_at=now + policy.lease_s(st.priority),
+        )
+    )
+    return True
+
+
+def _reassign(
+    st: QueuedStudy,
+    candidates: list[_Load],
+    loads: Mapping[str, _Load],
+    now: float,
+    policy: QueuePolicy,
+    sticky: Mapping[str, str],
+    out: Plan,
+) -> bool:
+    """Move an unopened study: at risk, to whoever finishes it first if that beats its reader;
+    STAT, to a free reader who would finish it clearly sooner."""
+    if not candidates:
+        return False
+    current = loads[st.assignee or ""]
+    finish_now = now + current.minutes_ahead(st.priority) * 60.0
+
+    def finish(c: _Load) -> float:
+        return now + c.minutes_ahead(st.priority, st.rvu) * 60.0
+
+    risky = st.deadline - now <= policy.escalate_s(st.priority)
+    if risky and finish_now > st.deadline:
+        best = min(candidates, key=lambda c: (finish(c), c.reader.key))
+        if finish(best) >= finish_now:
+            return False
+        why = f"chosen: earliest finish ({_fmt_minutes(finish(best) - now)} from now)"
+        reason = (
+            f"reassigned: {st.assignee} would finish "
+            f"{_fmt_minutes(finish_now - st.deadline)} after the deadline"
+        )
+    else:
+        idle = [c for c in candidates if c.ahead_of(st.priority) <= 0.0]
+        if st.priority != Priority.STAT or not idle:
+            return False
+        best, why = _choose(st, idle, now, policy, sticky)
+        if finish(best) + STAT_MOVE_MARGIN_S >= finish_now:
+            return False
+        reason = (
+            f"reassigned: {best.reader.key} is free and would finish "
+            f"{_fmt_minutes(finish_now - finish(best))} sooner than {st.assignee}"
+        )
+    current.remove(st)
+    best.add(st)
+    out.decisions.append(
+        Decision(
+            DecisionKind.REASSIGN,
+            st.uid,
+            best.reader.key,
+            previous=st.assignee,
+            reasons=(reason, _eligible_reason(best, st), why, _slack(st, now)),
+            lease_expires_at=now + policy.lease_s(st.priority),
+        )
+    )
+    return True
 
 
 def _as_ready(st: QueuedStudy) -> QueuedStudy:

@@ -154,7 +154,8 @@ class Study(Base):
 
     __tablename__ = "studies"
     __table_args__ = (
-        Index("ix_studies_state_deadline", "state", "deadline"),
+        # claims read candidates in (deadline, study_uid) order: keyset pages, no sort
+        Index("ix_studies_state_deadline", "state", "deadline", "study_uid"),
         Index("ix_studies_assignee_state", "assignee", "state"),
     )
     study_uid: Mapped[str] = mapped_column(String(64), primary_key=True)

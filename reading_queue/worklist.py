@@ -129,6 +129,7 @@ def _end_reason(decision: Decision) -> str:
     for marker, reason in (
         ("lease expired", "lease_expired"),
         ("shift ended", "shift_end"),
+        ("no longer eligible", "ineligible"),
         ("deactivated", "deactivated"),
         ("capacity", "capacity"),
         ("unknown", "unknown_reader"),

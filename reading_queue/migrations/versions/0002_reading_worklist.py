@@ -103,7 +103,9 @@ def upgrade() -> None:
     with op.batch_alter_table("studies", schema=None) as batch_op:
         batch_op.create_index("ix_studies_assignee_state", ["assignee", "state"], unique=False)
         batch_op.create_index(batch_op.f("ix_studies_patient_key"), ["patient_key"], unique=False)
-        batch_op.create_index("ix_studies_state_deadline", ["state", "deadline"], unique=False)
+        batch_op.create_index(
+            "ix_studies_state_deadline", ["state", "deadline", "study_uid"], unique=False
+        )
 
     op.create_table(
         "worklist_events",
