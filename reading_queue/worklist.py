@@ -1291,6 +1291,25 @@ class Worklist:
 
     # -- queries ---------------------------------------------------------------------------
 
+    def counts(self, now: float | None = None) -> dict[str, dict[str, int]]:
+        """Open studies per state and priority, and how many of them are overdue (metrics)."""
+        now = self.clock() if now is None else now
+        out: dict[str, dict[str, int]] = {"by_state": {}, "overdue": {}}
+        with self.read() as s:
+            for state, prio, n in s.execute(
+                select(Study.state, Study.priority, func.count())
+                .where(Study.state.in_([*_OPEN_FOR_ENGINE, S.RECEIVED.value]))
+                .group_by(Study.state, Study.priority)
+            ):
+                out["by_state"][f"{state}/{Priority(prio).label}"] = int(n)
+            for prio, n in s.execute(
+                select(Study.priority, func.count())
+                .where(Study.state.in_(_OPEN_FOR_ENGINE), Study.deadline < now)
+                .group_by(Study.priority)
+            ):
+                out["overdue"][Priority(prio).label] = int(n)
+        return out
+
     def study(self, uid: str) -> Study:
         with self.read() as s:
             return self._state_of(s, uid, lock=False)

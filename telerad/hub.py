@@ -13,6 +13,7 @@ from io import BytesIO
 from typing import Any
 
 import uvicorn
+from prometheus_client import Counter, Gauge
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
@@ -73,6 +74,13 @@ def open_worklist(settings: HubSettings, ingest: IngestService) -> Worklist:
     return worklist
 
 
+OPEN_STUDIES = Gauge(
+    "telerad_worklist_open_studies", "Studies on the worklist", ["state", "priority"]
+)
+OVERDUE = Gauge("telerad_worklist_overdue_studies", "Open studies past their SLA", ["priority"])
+DECISIONS = Counter("telerad_worklist_decisions_total", "Engine decisions applied", ["kind"])
+
+
 class QueueWorker(threading.Thread):
     """Feeds the worklist: new studies in, rounds (push mode), leases, escalations, webhooks.
 
@@ -97,11 +105,22 @@ class QueueWorker(threading.Thread):
 
     def tick(self) -> None:
         self.worklist.consume_events()
-        if self.push:
-            self.worklist.run_round()
-        else:
-            self.worklist.run_round(assign=False)
+        result = self.worklist.run_round(assign=self.push)
+        for kind, n in (
+            ("assign", result.assigned),
+            ("reassign", result.reassigned),
+            ("release", result.released),
+            ("escalate", result.escalated),
+        ):
+            if n:
+                DECISIONS.labels(kind).inc(n)
         self.worklist.deliver_webhooks()
+        counts = self.worklist.counts()
+        for state in ("received", "ready", "assigned", "in_progress"):
+            for prio in ("stat", "urgent", "routine"):
+                OPEN_STUDIES.labels(state, prio).set(counts["by_state"].get(f"{state}/{prio}", 0))
+        for prio in ("stat", "urgent", "routine"):
+            OVERDUE.labels(prio).set(counts["overdue"].get(prio, 0))
         self.rounds += 1
 
     def run(self) -> None:
