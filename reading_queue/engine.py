@@ -98,8 +98,11 @@ class Shift:
 class ShiftStatus:
     on_shift: bool
     on_call: bool
-    #: epoch seconds when the current window ends (None when off)
+    #: epoch seconds when the current window ends, following back-to-back windows of the same
+    #: kind (None when off)
     ends_at: float | None = None
+    #: the same, following windows of any kind (a day shift that runs into on-call)
+    duty_ends_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,12 +235,18 @@ def shift_status(reader: Reader, now: float) -> ShiftStatus:
         return ShiftStatus(False, False)
     # a regular shift beats on-call; of two alike, the one that runs longer
     _, end, on_call = min(current, key=lambda w: (w[2], -w[1]))
-    for _ in range(len(windows)):
-        later = [w[1] for w in windows if w[2] == on_call and w[0] <= end < w[1]]
-        if not later:
-            break
-        end = max(later)
-    return ShiftStatus(not on_call, on_call, end)
+
+    def chain(end: float, same_kind: bool) -> float:
+        for _ in range(len(windows)):
+            later = [
+                w[1] for w in windows if (w[2] == on_call or not same_kind) and w[0] <= end < w[1]
+            ]
+            if not later:
+                break
+            end = max(later)
+        return end
+
+    return ShiftStatus(not on_call, on_call, chain(end, True), chain(end, False))
 
 
 #: a STAT study pushed to a busy reader moves to a free one that would finish this much sooner
@@ -406,7 +415,7 @@ class _Load:
     def has_room(self, study: QueuedStudy, policy: QueuePolicy) -> bool:
         if self.count >= self.reader.max_concurrent:
             return False
-        ends = self.status.ends_at
+        ends = self._ends(study, policy)
         if ends is not None and self.now + self.minutes_ahead(study.priority) * 60.0 >= ends:
             return False  # they would leave before starting it: it would only bounce back
         if study.priority == Priority.STAT or self.count == 0:
@@ -420,9 +429,32 @@ class _Load:
     def remove(self, study: QueuedStudy) -> None:
         self.count = max(0, self.count - 1)
         if study.state == StudyState.IN_PROGRESS:
-            self.in_progress = max(0.0, self.in_progress - study.rvu)
+            left = remaining_rvu(study.rvu, study.started_at, self.now, self.reader.rvu_per_hour)
+            self.in_progress = _clean(self.in_progress - left)
         else:
-            self.rvu[study.priority] = max(0.0, self.rvu[study.priority] - study.rvu)
+            self.rvu[study.priority] = _clean(self.rvu[study.priority] - study.rvu)
+
+    def _ends(self, study: QueuedStudy, policy: QueuePolicy) -> float | None:
+        """When they stop taking a study like this one: on-call hours count for the
+        priorities on-call readers take."""
+        if policy.on_call_takes(study.priority):
+            return self.status.duty_ends_at
+        return self.status.ends_at
+
+    def why_no_room(self, study: QueuedStudy, policy: QueuePolicy) -> str:
+        if self.count >= self.reader.max_concurrent:
+            return "at capacity"
+        if not self.has_room(study, policy):
+            ends = self._ends(study, policy)
+            if ends is not None and self.now + self.minutes_ahead(study.priority) * 60 >= ends:
+                return "shift ends before they could start it"
+            return f"more than {policy.max_backlog_minutes:.0f} min of work ahead"
+        return "just released by them"
+
+
+def _clean(value: float) -> float:
+    """RVU sums after subtractions: no negative or rounding dust (1e-16 is not work)."""
+    return 0.0 if value < 1e-9 else value
 
 
 def _loads(readers: Iterable[Reader], now: float) -> dict[str, _Load]:
@@ -528,7 +560,7 @@ def _choose(
     pool = candidates
     if study.priority == Priority.STAT:
         # A free reader starts now; a busy one's "almost done" is only an estimate.
-        idle = [c for c in candidates if c.ahead_of(study.priority) <= 0.0]
+        idle = [c for c in candidates if c.ahead_of(study.priority) <= 1e-9]
         pool = idle or candidates
     best = min(pool, key=lambda c: (_score(c, study, policy), c.reader.key))
     minutes = best.minutes_ahead(study.priority, study.rvu)
@@ -656,7 +688,6 @@ def plan(
         if ld.reader.active and (ld.status.on_shift or ld.status.on_call)
     )
     passed_over: list[QueuedStudy] = []
-    moved = False
     for st in queue:
         if free <= 0 and st.state == StudyState.READY and not explain:
             break
@@ -669,21 +700,21 @@ def plan(
         ]
         if st.state == StudyState.ASSIGNED:
             if _reassign(st, candidates, loads, now, policy, sticky, out):
-                moved = True
+                # the slot it freed goes to the most urgent study passed over so far
+                for earlier in list(passed_over):
+                    again = [
+                        ld
+                        for ld in eligibility.readers_for(earlier)
+                        if ld.reader.key != avoid.get(earlier.uid) and ld.has_room(earlier, policy)
+                    ]
+                    if _assign(earlier, again, now, policy, sticky, out):
+                        passed_over.remove(earlier)
+                        free -= 1
             continue
         if not _assign(st, candidates, now, policy, sticky, out):
             passed_over.append(st)
             continue
         free -= 1
-    if moved:
-        # capacity a reassignment freed is offered to the studies passed over before it
-        for st in passed_over:
-            candidates = [
-                ld
-                for ld in eligibility.readers_for(st)
-                if ld.reader.key != avoid.get(st.uid) and ld.has_room(st, policy)
-            ]
-            _assign(st, candidates, now, policy, sticky, out)
     if explain:
         assigned = {d.study_uid for d in out.decisions if d.kind is DecisionKind.ASSIGN}
         for st in passed_over:
@@ -746,7 +777,7 @@ def _reassign(
             f"{_fmt_minutes(finish_now - st.deadline)} after the deadline"
         )
     else:
-        idle = [c for c in candidates if c.ahead_of(st.priority) <= 0.0]
+        idle = [c for c in candidates if c.ahead_of(st.priority) <= 1e-9]
         if st.priority != Priority.STAT or not idle:
             return False
         best, why = _choose(st, idle, now, policy, sticky)
@@ -784,7 +815,7 @@ def _why_waiting(st: QueuedStudy, loads: Mapping[str, _Load], policy: QueuePolic
     for load in loads.values():
         why = _static_ineligibility(load.reader, load.status, st, policy)
         if why is None:
-            why = "at capacity" if not load.has_room(st, policy) else "just released by them"
+            why = load.why_no_room(st, policy)
         reasons[why] = reasons.get(why, 0) + 1
     return "waiting: " + "; ".join(f"{n} {why}" for why, n in sorted(reasons.items()))
 
@@ -798,8 +829,8 @@ def next_for(
 ) -> Decision | None:
     """Pull mode: the most urgent ready study ``reader_key`` may read, if they have room.
 
-    Studies reserved for another reader by stickiness are not handed out here: a pull takes
-    from the common pool in the same order a push round would.
+    A pull takes from the common pool in the order a push round would (no stickiness: the
+    reader asked for work, and the patient's other reader may not be asking).
     """
     loads = _loads(readers, now)
     load = loads.get(reader_key)

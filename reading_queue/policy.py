@@ -30,7 +30,7 @@ class ProcedureRule(BaseModel):
     body_parts: list[str] = Field(default_factory=lambda: ["*"])
     #: empty: any reader of the modality may read it
     subspecialty: str = ""
-    rvu: float
+    rvu: float = Field(gt=0)
 
 
 def default_procedures() -> list[ProcedureRule]:
@@ -66,20 +66,20 @@ class QueuePolicy(BaseModel):
     escalate_minutes: dict[str, float] = Field(default_factory=lambda: _per_priority(10, 60, 240))
     #: no more pushes to a reader whose work ahead of the study would exceed this
     #: (STAT ignores it: only the concurrent-study cap holds a STAT back)
-    max_backlog_minutes: float = 60.0
+    max_backlog_minutes: float = Field(default=60.0, ge=0)
     #: weight of the fairness term: a reader busy all their recent shift time counts as this
     #: many hours of extra projected work (1.0: an hour; STAT ignores it). Measured with
     #: benchmarks/worklist_sim.py: higher evens the workload, at some cost to STAT.
-    fairness_weight: float = 1.0
+    fairness_weight: float = Field(default=1.0, ge=0)
     #: minutes of projected load a station's preferred reader is forgiven
-    preferred_bonus_minutes: float = 10.0
+    preferred_bonus_minutes: float = Field(default=10.0, ge=0)
     #: a patient's new study goes to the reader of their studies from the last N days
-    sticky_days: float = 30.0
+    sticky_days: float = Field(default=30.0, ge=0)
     #: priorities an on-call (not on regular shift) reader is given
     on_call_priorities: list[str] = Field(default_factory=lambda: ["stat", "urgent"])
     procedures: list[ProcedureRule] = Field(default_factory=default_procedures)
     #: RVU when no procedure rule matches the modality
-    default_rvu: float = 0.5
+    default_rvu: float = Field(default=0.5, gt=0)
 
     @field_validator("sla_minutes", "lease_minutes", "escalate_minutes")
     @classmethod
@@ -93,6 +93,15 @@ class QueuePolicy(BaseModel):
             )
         if any(v <= 0 for v in value.values()):
             raise ValueError("minutes must be positive")
+        return value
+
+    @field_validator("on_call_priorities")
+    @classmethod
+    def _on_call(cls, value: list[str]) -> list[str]:
+        value = [v.strip().lower() for v in value]
+        unknown = [v for v in value if v not in PRIORITY_NAMES]
+        if unknown:
+            raise ValueError(f"unknown priorities {unknown}: use stat, urgent, routine")
         return value
 
     def sla_s(self, priority: int, overrides: dict[str, float] | None = None) -> float:

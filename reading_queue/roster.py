@@ -78,12 +78,11 @@ class ShiftSpec(BaseModel):
     end: str
     on_call: bool = False
 
-    @field_validator("start", "end", mode="before")
+    @field_validator("start")
     @classmethod
-    def _yaml_sexagesimal(cls, v: Any) -> Any:
-        """YAML 1.1 reads an unquoted ``15:00`` as the base-60 number 900: take it back."""
-        if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 24 * 60:
-            return f"{v // 60:02d}:{v % 60:02d}"
+    def _start(cls, v: str) -> str:
+        if v.strip() == "24:00":
+            raise ValueError("a shift starts at 00:00..23:59 (24:00 is only an end)")
         return v
 
     @model_validator(mode="after")
@@ -273,6 +272,22 @@ class Roster(BaseModel):
         return self
 
 
+def _yaml_clock_times(data: Any) -> Any:
+    """YAML 1.1 reads an unquoted ``15:00`` as the base-60 number 900 (``07:00`` stays a
+    string): turn shift start/end numbers back into HH:MM. YAML only; TOML has no such trap."""
+    if not isinstance(data, dict):
+        return data
+    for rad in data.get("radiologists") or []:
+        for shift in (rad.get("shifts") or []) if isinstance(rad, dict) else []:
+            if not isinstance(shift, dict):
+                continue
+            for k in ("start", "end"):
+                v = shift.get(k)
+                if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 24 * 60:
+                    shift[k] = f"{v // 60:02d}:{v % 60:02d}"
+    return data
+
+
 def load_roster(path: Path) -> Roster:
     """Read a roster file (``.yaml``/``.yml`` or ``.toml``); errors name the file and field."""
     try:
@@ -283,7 +298,7 @@ def load_roster(path: Path) -> Roster:
         if path.suffix.lower() == ".toml":
             data: Any = tomllib.loads(raw.decode())
         else:
-            data = yaml.safe_load(raw) or {}
+            data = _yaml_clock_times(yaml.safe_load(raw) or {})
     except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
         raise RosterError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}") from exc
     if not isinstance(data, dict):

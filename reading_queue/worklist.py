@@ -538,20 +538,29 @@ class Worklist:
 
     def _sticky(self, s: Session, now: float) -> dict[str, str]:
         """patient key -> reader of their open or most recent study (for studies waiting)."""
-        waiting = select(Study.patient_key).where(
-            Study.state == S.READY.value, Study.patient_key != ""
+        keys = sorted(
+            set(
+                s.scalars(
+                    select(Study.patient_key).where(
+                        Study.state == S.READY.value, Study.patient_key != ""
+                    )
+                )
+            )
         )
         cutoff = now - self.policy.sticky_days * 86400.0
-        rows = s.execute(
-            select(Study.patient_key, Study.assignee, Study.assigned_at)
-            .where(
-                Study.patient_key.in_(waiting),
-                Study.assignee.is_not(None),
-                or_(Study.state.in_(_HELD), Study.reported_at > cutoff),
+        out: dict[str, tuple[float, str]] = {}
+        for i in range(0, len(keys), 500):
+            rows = s.execute(
+                select(Study.patient_key, Study.assignee, Study.assigned_at).where(
+                    Study.patient_key.in_(keys[i : i + 500]),
+                    Study.assignee.is_not(None),
+                    or_(Study.state.in_(_HELD), Study.reported_at > cutoff),
+                )
             )
-            .order_by(Study.assigned_at)
-        )
-        return {str(pk): str(who) for pk, who, _ in rows}  # latest wins
+            for pk, who, at in rows:
+                if pk not in out or (at or 0.0) > out[pk][0]:  # the latest wins
+                    out[pk] = (at or 0.0, str(who))
+        return {pk: who for pk, (_, who) in out.items()}
 
     def run_round(
         self, now: float | None = None, *, explain: bool = False, assign: bool = True
