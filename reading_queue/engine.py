@@ -176,13 +176,18 @@ class Plan:
         return [d for d in self.decisions if d.kind is kind]
 
 
+#: what an opened study that ran past its expected time is assumed to still need, as a share
+#: of its RVU (reading times have a long tail: overrunning reads tend to overrun further)
+OVERRUN_SHARE = 0.3
+
+
 def remaining_rvu(rvu: float, started_at: float | None, now: float, rvu_per_hour: float) -> float:
     """Estimated RVU left on an opened study: its RVU less what the reader's pace has done
-    since they opened it (never below a tenth: an overrun study is not finished yet)."""
+    since they opened it (never below ``OVERRUN_SHARE``: an overrun study is not done)."""
     if started_at is None:
         return rvu
     done = max(0.0, now - started_at) / 3600.0 * rvu_per_hour
-    return max(rvu * 0.1, rvu - done)
+    return max(rvu * OVERRUN_SHARE, rvu - done)
 
 
 # -- shifts -------------------------------------------------------------------------------

@@ -381,8 +381,8 @@ def test_stickiness_needs_the_patient_key() -> None:
 
 def test_remaining_rvu_of_an_opened_study() -> None:
     assert remaining_rvu(5.0, None, NOW, 8.0) == 5.0  # not opened: all of it
-    assert remaining_rvu(5.0, NOW - 30 * MIN, NOW, 8.0) == pytest.approx(1.0)
-    assert remaining_rvu(5.0, NOW - 90 * MIN, NOW, 8.0) == pytest.approx(0.5)  # overrun: 10 %
+    assert remaining_rvu(5.0, NOW - 15 * MIN, NOW, 8.0) == pytest.approx(3.0)
+    assert remaining_rvu(5.0, NOW - 90 * MIN, NOW, 8.0) == pytest.approx(1.5)  # overrun: 30 %
     assert remaining_rvu(5.0, NOW + 5 * MIN, NOW, 8.0) == 5.0  # opened "later": nothing done
 
 
@@ -397,10 +397,10 @@ def test_the_case_in_hand_comes_before_a_new_stat() -> None:
 
 
 def test_opened_study_counts_only_what_is_left() -> None:
-    # a opened a 4 RVU study 27 min ago (3.6 RVU done); b has 1 RVU not yet opened
+    # a opened a 4 RVU study 20 min ago (2.67 RVU done, 1.33 left); b has 2 RVU not yet opened
     studies = [
-        held("opened", "a", state=StudyState.IN_PROGRESS, rvu=4.0, started_at=NOW - 27 * MIN),
-        held("queued", "b", rvu=1.0),
+        held("opened", "a", state=StudyState.IN_PROGRESS, rvu=4.0, started_at=NOW - 20 * MIN),
+        held("queued", "b", rvu=2.0),
         study("new"),
     ]
     assert assigned(run(studies, [reader("a"), reader("b")])) == {"new": "a"}
