@@ -2,7 +2,7 @@
 
 The same format seeds the hub (``telerad hub roster load``) and feeds the simulator
 (``telerad hub simulate --roster``), so "does this roster keep our SLAs?" is answered about
-exactly what will be loaded. See docs/worklist.md for the format.
+exactly what will be loaded. The format is in docs/worklist-simulation.md ("The roster file").
 """
 
 from __future__ import annotations
