@@ -900,7 +900,7 @@ class Worklist:
                 open_count=len(held),
                 open_rvu=(open_rvu[0], open_rvu[1], open_rvu[2]),
                 in_progress_rvu=in_progress,
-                recent_rvu=self._recent_rvu(s, now, radiologist).get(radiologist, 0.0),
+                # no fairness term in a pull: the reader asked for work for themselves
             )
             decision = self._claim_from_pages(s, spec, reader, now)
             if decision is None:
