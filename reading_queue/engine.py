@@ -220,6 +220,21 @@ def _window(day: date, shift: Shift, zone: ZoneInfo) -> tuple[float, float]:
     return _local_ts(day, shift.start, zone), _local_ts(end_day, shift.end, zone)
 
 
+@lru_cache(maxsize=4096)
+def _windows(
+    timezone: str, shifts: tuple[Shift, ...], today: date
+) -> tuple[tuple[float, float, bool], ...]:
+    """Every window from yesterday to a week ahead, as instants (cached: it depends on the
+    date, not the time, and a round asks for each reader)."""
+    zone = _zone(timezone)
+    return tuple(
+        (*_window(today + timedelta(days=k), shift, zone), shift.on_call)
+        for k in range(-1, 8)
+        for shift in shifts
+        if shift.weekday == (today + timedelta(days=k)).weekday()
+    )
+
+
 def shift_status(reader: Reader, now: float) -> ShiftStatus:
     """Whether ``reader`` works at ``now``; a regular shift wins over an overlapping on-call.
 
@@ -229,12 +244,7 @@ def shift_status(reader: Reader, now: float) -> ShiftStatus:
         return ShiftStatus(False, False)
     zone = _zone(reader.timezone)
     today = datetime.fromtimestamp(now, zone).date()
-    windows = [
-        (*_window(today + timedelta(days=k), shift, zone), shift.on_call)
-        for k in range(-1, 8)
-        for shift in reader.shifts
-        if shift.weekday == (today + timedelta(days=k)).weekday()
-    ]
+    windows = _windows(reader.timezone, reader.shifts, today)
     current = [w for w in windows if w[0] <= now < w[1]]
     if not current:
         return ShiftStatus(False, False)
