@@ -1161,21 +1161,35 @@ class Worklist:
         now = self.clock() if now is None else now
         with self.session.begin() as s:
             st = self._state_of(s, uid)
-            if st.state not in _CANCELLABLE:
-                raise StaleState(f"study {uid} is {st.state}: cannot cancel")
-            self._transition(
-                s,
-                uid,
-                [StudyState(st.state)],
-                S.CANCELLED,
-                kind="cancelled",
-                actor=f"admin:{actor}",
-                now=now,
-                assignee=st.assignee or "",
-                values={"lease_expires_at": None},
-                detail={"reason": reason},
-            )
-            self._close_assignment(s, uid, "cancelled", now)
+            self._take_off(s, st, "cancelled", actor, now, {}, {"reason": reason})
+
+    def _take_off(
+        self,
+        s: Session,
+        st: Study,
+        kind: str,
+        actor: str,
+        now: float,
+        values: dict[str, Any],
+        detail: dict[str, Any],
+    ) -> None:
+        """Cancel a study that is not final yet (``kind``: cancelled or merged)."""
+        if st.state not in _CANCELLABLE:
+            verb = "merge it" if kind == "merged" else "cancel"
+            raise StaleState(f"study {st.study_uid} is {st.state}: cannot {verb}")
+        self._transition(
+            s,
+            st.study_uid,
+            [StudyState(st.state)],
+            S.CANCELLED,
+            kind=kind,
+            actor=f"admin:{actor}",
+            now=now,
+            assignee=st.assignee or "",
+            values={"lease_expires_at": None, **values},
+            detail=detail,
+        )
+        self._close_assignment(s, st.study_uid, kind, now)
 
     def merge(self, source: str, target: str, *, actor: str, now: float | None = None) -> None:
         """Late series sent under a new Study Instance UID: read them with ``target``.
@@ -1191,21 +1205,7 @@ class Worklist:
             dst = self._state_of(s, target)
             if dst.state == S.CANCELLED:
                 raise StaleState(f"study {target} is cancelled: merge into another study")
-            if src.state not in _CANCELLABLE:
-                raise StaleState(f"study {source} is {src.state}: cannot merge it")
-            self._transition(
-                s,
-                source,
-                [StudyState(src.state)],
-                S.CANCELLED,
-                kind="merged",
-                actor=f"admin:{actor}",
-                now=now,
-                assignee=src.assignee or "",
-                values={"merged_into": target, "lease_expires_at": None},
-                detail={"into": target},
-            )
-            self._close_assignment(s, source, "merged", now)
+            self._take_off(s, src, "merged", actor, now, {"merged_into": target}, {"into": target})
             late = dst.state not in (S.RECEIVED, S.READY)
             s.execute(
                 update(Study)
