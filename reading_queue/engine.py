@@ -577,6 +577,15 @@ def _choose(
         # A free reader starts now; a busy one's "almost done" is only an estimate.
         idle = [c for c in candidates if c.ahead_of(study.priority) <= 1e-9]
         pool = idle or candidates
+    elif policy.fairness_weight > 0:
+        # Several readers free right now: nobody waits whoever takes it, so the one who has
+        # worked least lately (fairness), as a reader who pulls work would.
+        idle = [c for c in candidates if c.ahead_of(study.priority) <= 1e-9]
+        if len(idle) > 1:
+            best = min(idle, key=lambda c: (round(c.utilisation, 2), _score(c, study, policy)))
+            why = f"chosen: free now and least busy lately ({best.utilisation:.0%} of the"
+            why += f" last 12 h; {len(idle)} free, {len(candidates)} eligible with room)"
+            return best, why
     best = min(pool, key=lambda c: (_score(c, study, policy), c.reader.key))
     minutes = best.minutes_ahead(study.priority, study.rvu)
     why = f"chosen: least projected load ({minutes:.0f} min of work incl. this study"

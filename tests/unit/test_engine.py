@@ -1137,3 +1137,16 @@ def test_every_reason_is_non_empty_text() -> None:
     for d in p.decisions:
         assert d.reasons, d
         assert all(re.match(r"^[a-z]+: \S", why) or why.startswith("slack ") for why in d.reasons)
+
+
+def test_free_readers_share_routine_work_by_recent_utilisation() -> None:
+    # both free; "fast" would finish first but has read 2.5 h of the last 12 h
+    readers = [reader("fast", rvu_per_hour=16.0, recent_rvu=40.0), reader("slow")]
+    d = only(run([study("new")], readers), DecisionKind.ASSIGN)
+    assert d.radiologist == "slow"
+    assert d.reasons[1].startswith("chosen: free now and least busy lately (0%")
+    # STAT: the earliest finish, whatever the fairness
+    assert assigned(run([study("stat", priority=STAT)], readers)) == {"stat": "fast"}
+    # without a fairness weight the earliest finish wins for routine work too
+    policy = QueuePolicy(fairness_weight=0.0)
+    assert assigned(run([study("new")], readers, policy=policy)) == {"new": "fast"}
