@@ -195,7 +195,7 @@ def _run(url: str, workers: int, ops: int, n_studies: int) -> None:
 @pytest.mark.skipif(postgres_bin_dir() is None, reason="PostgreSQL binaries missing")
 def test_eight_workers_on_postgresql() -> None:
     with PostgresCluster() as pg:
-        _run(pg.create_database("telerad_conc"), workers=8, ops=450, n_studies=4000)
+        _run(pg.create_database("telerad_conc"), workers=8, ops=600, n_studies=5000)
 
 
 @pytest.mark.slow
