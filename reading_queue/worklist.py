@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 from pydicom.dataset import Dataset
 from sqlalchemy import Table, and_, bindparam, func, insert, or_, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from reading_queue import QueueError
@@ -606,7 +606,9 @@ class Worklist:
                 self._escalate(s, by_uid[d.study_uid], d, now)
             for d in kinds[DecisionKind.REASSIGN]:
                 self._apply(s, d, by_uid[d.study_uid], now, mode="push", actor="engine")
-            self._assign_many(s, kinds[DecisionKind.ASSIGN], now, mode="push", actor="engine")
+            self._assign_many(
+                s.connection(), kinds[DecisionKind.ASSIGN], now, mode="push", actor="engine"
+            )
             out.assigned = len(kinds[DecisionKind.ASSIGN])
             out.reassigned = len(kinds[DecisionKind.REASSIGN])
             out.released = len(kinds[DecisionKind.RELEASE])
@@ -621,48 +623,44 @@ class Worklist:
             )
         return out
 
-    def _guarded_many(self, s: Session, stmt: Any, params: list[dict[str, Any]], what: str) -> None:
+    def _guarded_many(
+        self, conn: Connection, stmt: Any, params: list[dict[str, Any]], what: str, why: str = ""
+    ) -> None:
         """executemany of a guarded UPDATE; every row must have matched."""
         if not params:
             return
-        res = s.connection().execute(stmt, params)
+        # one row: a plain execute (psycopg runs executemany as a pipeline: more round trips)
+        res = conn.execute(stmt, params[0] if len(params) == 1 else params)
         changed = int(getattr(res, "rowcount", -1))
         if changed != len(params):
-            raise StaleState(f"{what}: {changed} of {len(params)} studies were as expected")
+            detail = f" ({why})" if why else ""
+            raise StaleState(f"{what}: {changed} of {len(params)} studies were as expected{detail}")
 
-    def _events_many(self, s: Session, rows: list[dict[str, Any]]) -> None:
+    def _events_many(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         if rows:
-            s.connection().execute(insert(_EVENTS), rows)
+            conn.execute(_INSERT_EVENT, rows[0] if len(rows) == 1 else rows)
 
     def _assign_many(
-        self, s: Session, decisions: list[Decision], now: float, *, mode: str, actor: str
+        self, conn: Connection, decisions: list[Decision], now: float, *, mode: str, actor: str
     ) -> None:
         if not decisions:
             return
-        t = _STUDIES
-        stmt = (
-            update(t)
-            .where(t.c.study_uid == bindparam("b_uid"), t.c.state == S.READY.value)
-            .values(
-                state=S.ASSIGNED.value,
-                assignee=bindparam("b_who"),
-                assigned_at=now,
-                lease_expires_at=bindparam("b_lease"),
-                version=t.c.version + 1,
-                updated_at=now,
-            )
-        )
         self._guarded_many(
-            s,
-            stmt,
+            conn,
+            _ASSIGN_READY,
             [
-                {"b_uid": d.study_uid, "b_who": d.radiologist, "b_lease": d.lease_expires_at}
+                {
+                    "b_uid": d.study_uid,
+                    "b_who": d.radiologist,
+                    "b_lease": d.lease_expires_at,
+                    "b_now": now,
+                }
                 for d in decisions
             ],
             "assign",
         )
         self._events_many(
-            s,
+            conn,
             [
                 {
                     "study_uid": d.study_uid,
@@ -677,20 +675,18 @@ class Worklist:
                 for d in decisions
             ],
         )
-        s.connection().execute(
-            insert(_ASSIGNMENTS),
-            [
-                {
-                    "study_uid": d.study_uid,
-                    "radiologist": d.radiologist,
-                    "mode": mode,
-                    "reasons": list(d.reasons),
-                    "assigned_at": now,
-                    "end_reason": "",
-                }
-                for d in decisions
-            ],
-        )
+        rows = [
+            {
+                "study_uid": d.study_uid,
+                "radiologist": d.radiologist,
+                "mode": mode,
+                "reasons": list(d.reasons),
+                "assigned_at": now,
+                "end_reason": "",
+            }
+            for d in decisions
+        ]
+        conn.execute(_INSERT_ASSIGNMENT, rows[0] if len(rows) == 1 else rows)
 
     def _release_many(
         self,
@@ -723,16 +719,17 @@ class Worklist:
         )
         states = {d.study_uid: str(by_uid[d.study_uid].state) for d in decisions}
         self._guarded_many(
-            s,
+            s.connection(),
             stmt,
             [
                 {"b_uid": d.study_uid, "b_state": states[d.study_uid], "b_who": d.radiologist}
                 for d in decisions
             ],
             "release",
+            "; ".join(f"{d.study_uid}: {d.reasons[0]}" for d in decisions),
         )
         self._events_many(
-            s,
+            s.connection(),
             [
                 {
                     "study_uid": d.study_uid,
@@ -853,23 +850,22 @@ class Worklist:
             s.add(WebhookDelivery(event_id=event_id, url=url, payload=payload, next_attempt_at=now))
         logger.warning("study %s %s", st.uid, "; ".join(d.reasons))
 
-    def _claim_spec(self, s: Session, radiologist: str) -> RadiologistSpec:
-        """Lock the reader's row; the parsed profile is cached until the row changes."""
-        row = s.execute(
-            select(Radiologist.id, Radiologist.updated_at)
-            .where(Radiologist.key == radiologist)
-            .with_for_update()
-        ).first()
+    def _claim_spec(self, s: Connection, radiologist: str) -> tuple[RadiologistSpec, list[Any]]:
+        """Lock the reader's row, then read what they hold; the parsed profile is cached until
+        the row changes. Two statements on purpose: on PostgreSQL a statement that waited for
+        the lock re-reads only the locked row, so a join would see the holdings as they were
+        before the claim that held the lock (and over-fill the reader)."""
+        row = s.execute(_LOCK_READER, {"b_key": radiologist}).first()
         if row is None:
             raise UnknownRadiologist(f"no radiologist {radiologist!r}")
+        held = list(s.execute(_HELD_BY, {"b_key": radiologist}).all())
         cached = self._spec_cache.get(radiologist)
         if cached is not None and cached[0] == row.updated_at:
-            return cached[1]
-        full = s.get(Radiologist, row.id)
-        assert full is not None
+            return cached[1], held
+        full = s.execute(select(_RADIOLOGISTS).where(_RADIOLOGISTS.c.id == row.id)).one()
         spec = _spec(full)
         self._spec_cache[radiologist] = (row.updated_at, spec)
-        return spec
+        return spec, held
 
     def claim_next(self, radiologist: str, now: float | None = None) -> Decision | None:
         """Pull mode: give ``radiologist`` the most urgent study they may read, if any.
@@ -880,13 +876,9 @@ class Worklist:
         deadline order, a page at a time, pre-filtered in SQL by modality, licence, language
         and subspecialty; the engine decides."""
         now = self.clock() if now is None else now
-        with self.session.begin() as s:
-            spec = self._claim_spec(s, radiologist)
-            held = s.execute(
-                select(Study.priority, Study.rvu, Study.state, Study.started_at).where(
-                    Study.assignee == radiologist, Study.state.in_(_HELD)
-                )
-            ).all()
+        # Core, not the ORM: a claim is a handful of small statements, the ORM would double it
+        with self.engine.begin() as s:
+            spec, held = self._claim_spec(s, radiologist)
             if len(held) >= spec.max_concurrent:
                 return None
             open_rvu = [0.0, 0.0, 0.0]
@@ -910,7 +902,7 @@ class Worklist:
         return decision
 
     def _claim_from_pages(
-        self, s: Session, spec: RadiologistSpec, reader: Reader, now: float
+        self, s: Connection, spec: RadiologistSpec, reader: Reader, now: float
     ) -> Decision | None:
         first, rest = self._claim_queries(spec)
         params: dict[str, Any] = {"b_deadline": 0.0, "b_uid": ""}
@@ -1362,6 +1354,7 @@ _STATE = {st.value: st for st in StudyState}
 _STUDIES: Table = Study.__table__  # type: ignore[assignment]
 _EVENTS: Table = WorklistEvent.__table__  # type: ignore[assignment]
 _ASSIGNMENTS: Table = Assignment.__table__  # type: ignore[assignment]
+_RADIOLOGISTS: Table = Radiologist.__table__  # type: ignore[assignment]
 
 
 def _prefs_of(row: Any) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
@@ -1417,6 +1410,30 @@ def _queued_from_row(
 ) -> QueuedStudy:
     return _queued(st, stations)
 
+
+# Statements of the claim path, built once (building them costs more than running them).
+_ASSIGN_READY = (
+    update(_STUDIES)
+    .where(_STUDIES.c.study_uid == bindparam("b_uid"), _STUDIES.c.state == S.READY.value)
+    .values(
+        state=S.ASSIGNED.value,
+        assignee=bindparam("b_who"),
+        assigned_at=bindparam("b_now"),
+        lease_expires_at=bindparam("b_lease"),
+        version=_STUDIES.c.version + 1,
+        updated_at=bindparam("b_now"),
+    )
+)
+_INSERT_EVENT = insert(_EVENTS)
+_INSERT_ASSIGNMENT = insert(_ASSIGNMENTS)
+_LOCK_READER = (
+    select(Radiologist.id, Radiologist.updated_at)
+    .where(Radiologist.key == bindparam("b_key"))
+    .with_for_update()
+)
+_HELD_BY = select(Study.priority, Study.rvu, Study.state, Study.started_at).where(
+    Study.assignee == bindparam("b_key"), Study.state.in_(_HELD)
+)
 
 _LOCK_READY = (
     select(Study.study_uid)
@@ -1498,7 +1515,8 @@ def _radiologist_values(spec: RadiologistSpec) -> dict[str, Any]:
     }
 
 
-def _spec(row: Radiologist) -> RadiologistSpec:
+def _spec(row: Any) -> RadiologistSpec:
+    """From an ORM ``Radiologist`` or a Core row of the table."""
     return RadiologistSpec(
         key=row.key,
         name=row.name,
