@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timedelta
 from enum import StrEnum
 from functools import lru_cache
@@ -827,8 +827,6 @@ def _reassign(
 
 
 def _as_ready(st: QueuedStudy) -> QueuedStudy:
-    from dataclasses import replace
-
     return replace(st, state=StudyState.READY, assignee=None, lease_expires_at=None)
 
 

@@ -159,7 +159,6 @@ class Worklist:
         self.read: sessionmaker[Session] = sessionmaker(
             engine.execution_options(read_only=True), expire_on_commit=False
         )
-        self.is_postgres = engine.dialect.name == "postgresql"
         self._spec_cache: dict[str, tuple[float, RadiologistSpec]] = {}
         self._claim_sql: dict[str, tuple[Any, Any]] = {}
 
@@ -605,7 +604,7 @@ class Worklist:
             for d in kinds[DecisionKind.ESCALATE]:
                 self._escalate(s, by_uid[d.study_uid], d, now)
             for d in kinds[DecisionKind.REASSIGN]:
-                self._apply(s, d, by_uid[d.study_uid], now, mode="push", actor="engine")
+                self._reassign(s, d, now, actor="engine")
             self._assign_many(
                 s.connection(), kinds[DecisionKind.ASSIGN], now, mode="push", actor="engine"
             )
@@ -752,71 +751,29 @@ class Worklist:
             [{"b_uid": d.study_uid, "b_reason": _end_reason(d)} for d in decisions],
         )
 
-    def _apply(
-        self, s: Session, d: Decision, st: QueuedStudy, now: float, *, mode: str, actor: str
-    ) -> None:
+    def _reassign(self, s: Session, d: Decision, now: float, *, actor: str) -> None:
+        """Apply one engine REASSIGN (rare: at-risk or STAT; batch paths do the rest)."""
+        assert d.radiologist is not None and d.previous is not None
         reasons = list(d.reasons)
-        if d.kind is DecisionKind.ASSIGN:
-            assert d.radiologist is not None
-            self._transition(
-                s,
-                d.study_uid,
-                [S.READY],
-                S.ASSIGNED,
-                kind="assigned",
-                actor=actor,
-                now=now,
-                assignee=d.radiologist,
-                values={
-                    "assignee": d.radiologist,
-                    "assigned_at": now,
-                    "lease_expires_at": d.lease_expires_at,
-                },
-                detail={"mode": mode, "reasons": reasons},
-            )
-            self._open_assignment(s, d.study_uid, d.radiologist, mode, reasons, now)
-        elif d.kind is DecisionKind.REASSIGN:
-            assert d.radiologist is not None and d.previous is not None
-            self._transition(
-                s,
-                d.study_uid,
-                [S.ASSIGNED],
-                S.ASSIGNED,
-                kind="reassigned",
-                actor=actor,
-                now=now,
-                assignee=d.radiologist,
-                where_assignee=d.previous,
-                values={
-                    "assignee": d.radiologist,
-                    "assigned_at": now,
-                    "lease_expires_at": d.lease_expires_at,
-                },
-                detail={"mode": mode, "previous": d.previous, "reasons": reasons},
-            )
-            self._close_assignment(s, d.study_uid, "reassigned", now)
-            self._open_assignment(s, d.study_uid, d.radiologist, mode, reasons, now)
-        elif d.kind is DecisionKind.RELEASE:
-            self._transition(
-                s,
-                d.study_uid,
-                [StudyState(st.state)],
-                S.READY,
-                kind="released",
-                actor=actor,
-                now=now,
-                where_assignee=d.radiologist,
-                values={
-                    "assignee": None,
-                    "assigned_at": None,
-                    "lease_expires_at": None,
-                    "started_at": None,
-                },
-                detail={"reasons": reasons},
-            )
-            self._close_assignment(s, d.study_uid, _end_reason(d), now)
-        elif d.kind is DecisionKind.ESCALATE:
-            self._escalate(s, st, d, now)
+        self._transition(
+            s,
+            d.study_uid,
+            [S.ASSIGNED],
+            S.ASSIGNED,
+            kind="reassigned",
+            actor=actor,
+            now=now,
+            assignee=d.radiologist,
+            where_assignee=d.previous,
+            values={
+                "assignee": d.radiologist,
+                "assigned_at": now,
+                "lease_expires_at": d.lease_expires_at,
+            },
+            detail={"mode": "push", "previous": d.previous, "reasons": reasons},
+        )
+        self._close_assignment(s, d.study_uid, "reassigned", now)
+        self._open_assignment(s, d.study_uid, d.radiologist, "push", reasons, now)
 
     def _escalate(self, s: Session, st: QueuedStudy, d: Decision, now: float) -> None:
         res = s.execute(
@@ -1088,7 +1045,7 @@ class Worklist:
             st = self._state_of(s, uid)
             if st.state not in (S.READY, *_HELD):
                 raise StaleState(f"study {uid} is {st.state}: only unread studies can be assigned")
-            queued = _queued_from_row(st, _station_prefs(s))
+            queued = _queued(st, _station_prefs(s, {st.station}))
             why = ineligibility(_spec(row).reader(), queued, now, self.policy)
             if why is not None and not force:
                 raise NotEligible(f"{radiologist} cannot read study {uid}: {why}")
@@ -1403,12 +1360,6 @@ def _queued(row: Any, stations: dict[str, tuple[frozenset[str], frozenset[str]]]
         escalated=row.escalated_at is not None,
         started_at=row.started_at,
     )
-
-
-def _queued_from_row(
-    st: Study, stations: dict[str, tuple[frozenset[str], frozenset[str]]]
-) -> QueuedStudy:
-    return _queued(st, stations)
 
 
 # Statements of the claim path, built once (building them costs more than running them).
