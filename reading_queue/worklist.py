@@ -833,30 +833,79 @@ class Worklist:
         deadline order, a page at a time, pre-filtered in SQL by modality, licence, language
         and subspecialty; the engine decides."""
         now = self.clock() if now is None else now
+        if self.engine.dialect.name == "postgresql":
+            return self._claim_next_pg(radiologist, now)
         # Core, not the ORM: a claim is a handful of small statements, the ORM would double it
         with self.engine.begin() as s:
             spec, held = self._claim_spec(s, radiologist)
-            if len(held) >= spec.max_concurrent:
+            reader = _pull_reader(spec, held, now)
+            if reader is None:
                 return None
-            open_rvu = [0.0, 0.0, 0.0]
-            in_progress = 0.0
-            for p, r, state, started in held:
-                if state == S.IN_PROGRESS:
-                    in_progress += remaining_rvu(float(r), started, now, spec.rvu_per_hour)
-                else:
-                    open_rvu[int(p)] += float(r)
-            reader = spec.reader(
-                open_count=len(held),
-                open_rvu=(open_rvu[0], open_rvu[1], open_rvu[2]),
-                in_progress_rvu=in_progress,
-                # no fairness term in a pull: the reader asked for work for themselves
-            )
             decision = self._claim_from_pages(s, spec, reader, now)
             if decision is None:
                 return None
             self._assign_many(s, [decision], now, mode="pull", actor=f"radiologist:{radiologist}")
         logger.info("study %s claimed by %s", decision.study_uid, radiologist)
         return decision
+
+    def _claim_next_pg(self, radiologist: str, now: float) -> Decision | None:
+        """``claim_next`` on PostgreSQL: the same statements in two round trips (see
+        ``pg_claim``). A study another claimer took between our read and our take is
+        skipped and the claim starts over without it."""
+        from reading_queue import pg_claim  # psycopg is needed on PostgreSQL only
+
+        def profile_of(spec: RadiologistSpec) -> dict[str, Any]:
+            return pg_claim.profile_params(
+                spec.modalities, spec.licences, spec.languages, spec.subspecialties
+            )
+
+        passed: set[str] = set()
+        while True:
+            with pg_claim.ClaimConversation(self.engine) as conv:
+                cached = self._spec_cache.get(radiologist)
+                profile = profile_of(cached[1]) if cached is not None else None
+                row, held, page = conv.open(radiologist, _HELD, profile)
+                if row is None:
+                    raise UnknownRadiologist(f"no radiologist {radiologist!r}")
+                if cached is None or cached[0] != row[1]:
+                    spec = _spec(conv.radiologist(row[0]))
+                    self._spec_cache[radiologist] = (row[1], spec)
+                    profile, page = profile_of(spec), None
+                else:
+                    spec = cached[1]
+                assert profile is not None
+                reader = _pull_reader(spec, held, now)
+                if reader is None:
+                    return None
+                after: tuple[float, str] | None = None
+                decision = None
+                while decision is None:
+                    rows = page if page is not None else conv.page(profile, after)
+                    page = None
+                    candidates = [_queued(r, _prefs_of(r)) for r in rows]
+                    decision = next_for(
+                        now,
+                        spec.key,
+                        [c for c in candidates if c.uid not in passed],
+                        [reader],
+                        self.policy,
+                    )
+                    if decision is None and len(rows) < pg_claim.PAGE:
+                        return None
+                    if decision is None:
+                        after = (float(rows[-1].deadline), str(rows[-1].study_uid))
+                actor = f"radiologist:{radiologist}"
+                if conv.take_and_commit(
+                    decision.study_uid,
+                    radiologist,
+                    now,
+                    decision.lease_expires_at,
+                    actor,
+                    decision.reasons,
+                ):
+                    logger.info("study %s claimed by %s", decision.study_uid, radiologist)
+                    return decision
+                passed.add(decision.study_uid)  # another claimer has it: try the next one
 
     def _claim_from_pages(
         self, s: Connection, spec: RadiologistSpec, reader: Reader, now: float
@@ -1336,6 +1385,26 @@ _QUEUED_COLUMNS = (
     Study.escalated_at,
     Study.started_at,
 )
+
+
+def _pull_reader(spec: RadiologistSpec, held: Sequence[Any], now: float) -> Reader | None:
+    """The engine's view of a reader who asks for work, from (priority, rvu, state,
+    started_at) of what they hold; None when they are at capacity."""
+    if len(held) >= spec.max_concurrent:
+        return None
+    open_rvu = [0.0, 0.0, 0.0]
+    in_progress = 0.0
+    for p, r, state, started in held:
+        if state == S.IN_PROGRESS:
+            in_progress += remaining_rvu(float(r), started, now, spec.rvu_per_hour)
+        else:
+            open_rvu[int(p)] += float(r)
+    return spec.reader(
+        open_count=len(held),
+        open_rvu=(open_rvu[0], open_rvu[1], open_rvu[2]),
+        in_progress_rvu=in_progress,
+        # no fairness term in a pull: the reader asked for work for themselves
+    )
 
 
 def _queued(row: Any, stations: dict[str, tuple[frozenset[str], frozenset[str]]]) -> QueuedStudy:

@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from reading_queue.models import make_engine
 from reading_queue.policy import QueuePolicy
 from reading_queue.roster import ShiftSpec
-from reading_queue.worklist import NotEligible, StaleState, Worklist
+from reading_queue.worklist import NotEligible, StaleState, UnknownRadiologist, Worklist
 from telerad.config import Priority
 from tests.support.peers import PostgresCluster, postgres_bin_dir
 from tests.support.worklist_data import NewStudy, announce_studies, reader, station
@@ -332,6 +332,40 @@ def test_pull_mode_claims(db_url: str) -> None:
     # Pull-mode rounds release and escalate but never assign.
     result = wl.run_round(now=T0 + 120, assign=False)
     assert result.assigned == 0
+
+
+def test_pull_claim_pages_profile_changes_and_locked_studies(db_url: str) -> None:
+    """The claim's edges: candidates the engine refuses fill whole pages (the station
+    excludes the reader), a profile change is seen by the next claim, a study another
+    transaction holds is skipped, an unknown reader is an error."""
+    wl = make_worklist(db_url)
+    wl.configure_station(station("tram-x", excluded=["dr-lan"]))
+    wl.configure_station(station("tram-ok"))
+    wl.upsert_radiologist(reader("dr-lan", max_concurrent=4))
+    # 40 excluded studies with the earliest deadlines: 2.5 pages the engine must skip
+    new = [NewStudy(f"12.{i:02d}", "tram-x", "CR", "CHEST", 0) for i in range(40)]
+    new += [NewStudy(f"12.{i}", "tram-ok", "CR", "CHEST", 2) for i in (50, 51, 52)]
+    new += [NewStudy("12.60", "tram-ok", "MR", "BRAIN", 0)]
+    announce_studies(wl.engine, new, at=T0)
+    wl.consume_events(now=T0)
+    first = wl.claim_next("dr-lan", now=T0 + 60)
+    assert first is not None and first.study_uid == "12.50"
+    # MR is not in dr-lan's profile until the admin adds it: the next claim sees it
+    wl.upsert_radiologist(reader("dr-lan", max_concurrent=4, modalities=["CR", "CT", "MR"]))
+    mr = wl.claim_next("dr-lan", now=T0 + 61)
+    assert mr is not None and mr.study_uid == "12.60"
+    with pytest.raises(UnknownRadiologist):
+        wl.claim_next("dr-nobody", now=T0 + 62)
+    if wl.engine.dialect.name == "postgresql":
+        # another transaction holds 12.51 (a claimer mid-claim): skipped, not waited for
+        with wl.engine.connect() as other, other.begin():
+            other.execute(text("SELECT 1 FROM studies WHERE study_uid = '12.51' FOR UPDATE"))
+            got = wl.claim_next("dr-lan", now=T0 + 63)
+            assert got is not None and got.study_uid == "12.52"
+        assert wl.study("12.51").state == "ready"
+        assert [a.study_uid for a in wl.assignments("12.52")] == ["12.52"]
+        assert kinds(wl, "12.52") == ["received", "ready", "assigned"]
+    assert all(wl.study(s.uid).state == "ready" for s in new[:40])
 
 
 def test_admin_controls(db_url: str) -> None:

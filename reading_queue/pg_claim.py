@@ -1,0 +1,194 @@
+"""Pull claims on PostgreSQL in two round trips.
+
+A claim is a short conversation: lock the reader's row, read what they hold and the first
+page of candidate studies, let the engine choose, then take the chosen study and record
+the assignment. Through SQLAlchemy that is nine round trips (BEGIN, six statements, a
+second page now and then, COMMIT) and a few hundred microseconds of Python per statement.
+Here the same statements go through psycopg's pipeline mode on the pool's connection:
+
+1. ``BEGIN; lock the reader; their held studies; candidates`` -- one round trip. The
+   server still runs them one after the other, each with its own snapshot taken when it
+   starts, so the held studies are read *after* the reader's lock is granted: the property
+   the two-statement form in ``worklist`` exists for (a single statement that waited for
+   the lock would see the holdings of before the claim that held it).
+2. ``take the study and write the event and the assignment; COMMIT`` -- one round trip,
+   one statement with data-modifying CTEs. The study is locked ``FOR UPDATE SKIP LOCKED``
+   and updated only if still ``ready``; when another claimer holds or took it nothing is
+   written, the empty transaction commits, and the caller tries again without it.
+
+The candidate query is one text for every reader (their profile goes in as arrays), so
+psycopg prepares it once per connection. The engine still decides; SQL only pre-filters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from psycopg import Connection as PgConnection
+from psycopg.rows import namedtuple_row
+from psycopg.types.json import Json
+from sqlalchemy.engine import Engine
+
+#: rows per candidate page (as the portable path)
+PAGE = 16
+
+LOCK_READER = "SELECT id, updated_at FROM radiologists WHERE key = %(key)s FOR UPDATE"
+
+HELD_BY = (
+    "SELECT priority, rvu, state, started_at FROM studies"
+    " WHERE assignee = %(key)s AND state = ANY(%(held)s)"
+)
+
+_CANDIDATE_COLUMNS = (
+    "s.study_uid, s.priority, s.modality, s.received_at, s.deadline, s.rvu, s.jurisdiction,"
+    " s.language, s.subspecialty, s.station, s.patient_key, s.state, s.assignee,"
+    " s.lease_expires_at, s.escalated_at, s.started_at, st.preferred, st.excluded"
+)
+_CANDIDATE_FILTER = (
+    " FROM studies s LEFT OUTER JOIN stations st ON st.name = s.station"
+    " WHERE s.state = 'ready'"
+    " AND s.modality = ANY(%(modalities)s)"
+    " AND (s.jurisdiction = '' OR s.jurisdiction = ANY(%(licences)s)"
+    " OR s.jurisdiction LIKE ANY(%(licence_prefixes)s))"
+    " AND (cardinality(%(languages)s::text[]) = 0 OR s.language = ''"
+    " OR s.language = ANY(%(languages)s))"
+    " AND s.subspecialty = ANY(%(subspecialties)s)"
+)
+CANDIDATES = (
+    f"SELECT {_CANDIDATE_COLUMNS}{_CANDIDATE_FILTER} ORDER BY s.deadline, s.study_uid LIMIT {PAGE}"
+)
+CANDIDATES_AFTER = (
+    f"SELECT {_CANDIDATE_COLUMNS}{_CANDIDATE_FILTER}"
+    " AND (s.deadline > %(after_deadline)s"
+    " OR (s.deadline = %(after_deadline)s AND s.study_uid > %(after_uid)s))"
+    f" ORDER BY s.deadline, s.study_uid LIMIT {PAGE}"
+)
+
+TAKE = """
+WITH picked AS (
+    SELECT study_uid FROM studies
+    WHERE study_uid = %(uid)s AND state = 'ready'
+    FOR UPDATE SKIP LOCKED
+), moved AS (
+    UPDATE studies SET state = 'assigned', assignee = %(who)s, assigned_at = %(now)s,
+        lease_expires_at = %(lease)s, version = studies.version + 1, updated_at = %(now)s
+    FROM picked
+    WHERE studies.study_uid = picked.study_uid AND studies.state = 'ready'
+    RETURNING studies.study_uid
+), event AS (
+    INSERT INTO worklist_events (study_uid, kind, from_state, to_state, radiologist, actor,
+        detail, at)
+    SELECT study_uid, 'assigned', 'ready', 'assigned', %(who)s, %(actor)s, %(detail)s,
+        %(now)s
+    FROM moved
+), assignment AS (
+    INSERT INTO assignments (study_uid, radiologist, mode, reasons, assigned_at,
+        started_at, ended_at, end_reason)
+    SELECT study_uid, %(who)s, 'pull', %(reasons)s, %(now)s, NULL, NULL, ''
+    FROM moved
+)
+SELECT study_uid FROM moved
+"""
+
+
+def profile_params(
+    modalities: Sequence[str],
+    licences: Sequence[str],
+    languages: Sequence[str],
+    subspecialties: Sequence[str],
+) -> dict[str, Any]:
+    """The candidate query's parameters for a reader: the same coarse filter as the
+    portable path (the engine checks everything again)."""
+    return {
+        "modalities": list(modalities),
+        "licences": list(licences),
+        "licence_prefixes": [f"{lic}-%" for lic in licences],
+        "languages": list(languages),
+        "subspecialties": ["", *subspecialties],
+    }
+
+
+class ClaimConversation:
+    """One claim transaction on a pooled connection, in autocommit mode with explicit
+    ``BEGIN``/``COMMIT`` so both can ride in a pipeline. Use as a context manager: on the
+    way out an unfinished transaction is rolled back and the connection goes back to the
+    pool as it came."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._raw = engine.raw_connection()
+        self.pg: PgConnection[Any] = self._raw.driver_connection  # type: ignore[assignment]
+        self.pg.autocommit = True
+
+    def __enter__(self) -> ClaimConversation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if not self.pg.closed and self.pg.info.transaction_status != 0:  # not IDLE
+                self.pg.execute("ROLLBACK")
+            if not self.pg.closed:
+                self.pg.autocommit = False
+        except Exception:
+            self._raw.invalidate()
+            raise
+        finally:
+            self._raw.close()
+
+    def open(
+        self, key: str, held_states: Sequence[str], profile: dict[str, Any] | None
+    ) -> tuple[Any, list[Any], list[Any] | None]:
+        """``BEGIN``, lock the reader, read their holdings and (given their profile) the
+        first candidate page: one round trip. Returns (reader row or None, held, page)."""
+        pg = self.pg
+        with pg.pipeline():
+            pg.execute("BEGIN")
+            lock = pg.execute(LOCK_READER, {"key": key}, prepare=True)
+            held = pg.execute(HELD_BY, {"key": key, "held": list(held_states)}, prepare=True)
+            page = None
+            if profile is not None:
+                page = pg.cursor(row_factory=namedtuple_row)
+                page.execute(CANDIDATES, profile, prepare=True)
+        row = lock.fetchone()
+        return row, held.fetchall(), (page.fetchall() if page is not None else None)
+
+    def radiologist(self, row_id: int) -> Any:
+        """The reader's whole row (when their profile changed since it was cached)."""
+        cur = self.pg.cursor(row_factory=namedtuple_row)
+        cur.execute("SELECT * FROM radiologists WHERE id = %(id)s", {"id": row_id})
+        return cur.fetchone()
+
+    def page(self, profile: dict[str, Any], after: tuple[float, str] | None) -> list[Any]:
+        cur = self.pg.cursor(row_factory=namedtuple_row)
+        if after is None:
+            cur.execute(CANDIDATES, profile, prepare=True)
+        else:
+            params = {**profile, "after_deadline": after[0], "after_uid": after[1]}
+            cur.execute(CANDIDATES_AFTER, params, prepare=True)
+        return cur.fetchall()
+
+    def take_and_commit(
+        self,
+        uid: str,
+        who: str,
+        now: float,
+        lease: float | None,
+        actor: str,
+        reasons: Sequence[str],
+    ) -> bool:
+        """Take ``uid`` for ``who`` and commit in one round trip; False when another claimer
+        holds or took it (the transaction is committed either way: it wrote nothing)."""
+        pg = self.pg
+        params = {
+            "uid": uid,
+            "who": who,
+            "now": now,
+            "lease": lease,
+            "actor": actor,
+            "detail": Json({"mode": "pull", "reasons": list(reasons)}),
+            "reasons": Json(list(reasons)),
+        }
+        with pg.pipeline():
+            took = pg.execute(TAKE, params, prepare=True)
+            pg.execute("COMMIT")
+        return took.fetchone() is not None
