@@ -52,6 +52,7 @@ __all__ = [
     "on_shift_seconds",
     "order_deadline",
     "plan",
+    "pull_choices",
     "remaining_rvu",
     "shift_status",
     "urgency_key",
@@ -854,28 +855,55 @@ def next_for(
     A pull takes from the common pool in the order a push round would (no stickiness: the
     reader asked for work, and the patient's other reader may not be asking).
     """
+    choices = pull_choices(now, reader_key, studies, readers, policy, limit=1)
+    return choices[0] if choices else None
+
+
+def pull_choices(
+    now: float,
+    reader_key: str,
+    studies: Iterable[QueuedStudy],
+    readers: Iterable[Reader],
+    policy: QueuePolicy,
+    *,
+    limit: int | None = None,
+) -> list[Decision]:
+    """Pull mode, every acceptable answer: the ready studies ``reader_key`` may take now,
+    most urgent first, each as the decision a claim would make; ``next_for`` is the first.
+    Claimers racing each other for the head of the queue take the first one nobody else
+    has taken, which is the one the engine would choose once the others are gone (one
+    claim adds one study, so the reader's room is the same for every choice)."""
     loads = _loads(readers, now)
     load = loads.get(reader_key)
     if load is None:
-        return None
+        return []
     ready = [s for s in studies if s.state == StudyState.READY]
     ready.sort(key=_key_function(now, policy))
+    out: list[Decision] = []
     for st in ready:
         if _static_ineligibility(load.reader, load.status, st, policy) is not None:
             continue
         if not load.has_room(st, policy):
             if load.count >= load.reader.max_concurrent:
-                return None
+                return []
             continue
         slack = _slack(st, now)
-        return Decision(
-            DecisionKind.ASSIGN,
-            st.uid,
-            reader_key,
-            reasons=(_eligible_reason(load, st), "chosen: most urgent study they may read", slack),
-            lease_expires_at=now + policy.lease_s(st.priority),
+        out.append(
+            Decision(
+                DecisionKind.ASSIGN,
+                st.uid,
+                reader_key,
+                reasons=(
+                    _eligible_reason(load, st),
+                    "chosen: most urgent study they may read",
+                    slack,
+                ),
+                lease_expires_at=now + policy.lease_s(st.priority),
+            )
         )
-    return None
+        if limit is not None and len(out) >= limit:
+            break
+    return out
 
 
 def gini(values: Sequence[float]) -> float:

@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 from pydicom.dataset import Dataset
-from sqlalchemy import Table, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import Table, bindparam, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -41,8 +41,8 @@ from reading_queue.engine import (
     Reader,
     StudyState,
     ineligibility,
-    next_for,
     plan,
+    pull_choices,
     remaining_rvu,
     shift_status,
 )
@@ -75,7 +75,9 @@ _HELD = [s.value for s in HELD]
 _OPEN_FOR_ENGINE = [S.READY.value, *_HELD]
 _CANCELLABLE = [S.RECEIVED.value, S.READY.value, *_HELD, S.PRELIMINARY.value]
 _RECENT_WORK_S = FAIRNESS_WINDOW_S  # RVU read in the fairness window
-_CLAIM_CANDIDATES = 16
+#: a PostgreSQL claim offers this many of the engine's choices, best first, and takes the
+#: first one no other claimer holds (racing claimers all want the head of the queue)
+_CLAIM_CHOICES = 4
 
 
 class StaleState(QueueError):
@@ -160,7 +162,7 @@ class Worklist:
             engine.execution_options(read_only=True), expire_on_commit=False
         )
         self._spec_cache: dict[str, tuple[float, RadiologistSpec]] = {}
-        self._claim_sql: dict[str, tuple[Any, Any]] = {}
+        self._claim_engine: Engine | None = None
 
     # -- roster ----------------------------------------------------------------------------
 
@@ -568,9 +570,10 @@ class Worklist:
         mode, only releases and escalations).
 
         Every reader row is locked for the round (pull claims and manual assignments lock
-        their reader's row too, so none runs meanwhile); studies are not locked while the
-        engine thinks: a radiologist who opens or reports a study at the same moment makes
-        one guarded UPDATE match nothing, the round rolls back and is planned again."""
+        their reader's row too, so none runs meanwhile), then the held studies (a reader who
+        opens or reports one waits for the round). What can still race -- an admin
+        cancelling a ready study -- makes one guarded UPDATE match nothing: the round rolls
+        back and is planned again."""
         for attempt in range(3):
             try:
                 return self._round(self.clock() if now is None else now, explain, assign)
@@ -585,12 +588,18 @@ class Worklist:
             rows = s.scalars(select(Radiologist).order_by(Radiologist.id).with_for_update()).all()
             specs = [_spec(r) for r in rows]
             stations = _station_prefs(s)
-            studies = [
-                _queued(row, stations)
-                for row in s.execute(
-                    select(*_QUEUED_COLUMNS).where(Study.state.in_(_OPEN_FOR_ENGINE))
-                )
-            ]
+            # Held studies are locked for the round: the readers who hold them open and
+            # report them, and a plan made on a stale copy would fail to apply (and,
+            # with readers busy, keep failing). Ready ones change only under a reader's
+            # lock (claims, manual assignment), which the round already holds.
+            held = (
+                select(*_QUEUED_COLUMNS)
+                .where(Study.state.in_(_HELD))
+                .order_by(Study.study_uid)
+                .with_for_update()
+            )
+            ready = select(*_QUEUED_COLUMNS).where(Study.state == S.READY.value)
+            studies = [_queued(row, stations) for q in (held, ready) for row in s.execute(q)]
             recent = self._recent_rvu(s, now)
             readers = _with_loads(specs, studies, recent, now)
             sticky = self._sticky(s, now)
@@ -807,61 +816,34 @@ class Worklist:
             s.add(WebhookDelivery(event_id=event_id, url=url, payload=payload, next_attempt_at=now))
         logger.warning("study %s %s", st.uid, "; ".join(d.reasons))
 
-    def _claim_spec(self, s: Connection, radiologist: str) -> tuple[RadiologistSpec, list[Any]]:
-        """Lock the reader's row, then read what they hold; the parsed profile is cached until
-        the row changes. Two statements on purpose: on PostgreSQL a statement that waited for
-        the lock re-reads only the locked row, so a join would see the holdings as they were
-        before the claim that held the lock (and over-fill the reader)."""
-        row = s.execute(_LOCK_READER, {"b_key": radiologist}).first()
-        if row is None:
-            raise UnknownRadiologist(f"no radiologist {radiologist!r}")
-        held = list(s.execute(_HELD_BY, {"b_key": radiologist}).all())
-        cached = self._spec_cache.get(radiologist)
-        if cached is not None and cached[0] == row.updated_at:
-            return cached[1], held
-        full = s.execute(select(_RADIOLOGISTS).where(_RADIOLOGISTS.c.id == row.id)).one()
-        spec = _spec(full)
-        self._spec_cache[radiologist] = (row.updated_at, spec)
-        return spec, held
-
     def claim_next(self, radiologist: str, now: float | None = None) -> Decision | None:
         """Pull mode: give ``radiologist`` the most urgent study they may read, if any.
 
-        The reader's row is locked (one claim per reader at a time: capacity holds); the
-        chosen study is locked with ``FOR UPDATE SKIP LOCKED``, so claimers racing for the
-        same study do not wait: the loser takes its next candidate. Candidates come in
-        deadline order, a page at a time, pre-filtered in SQL by modality, licence, language
-        and subspecialty; the engine decides."""
+        The reader's row is locked first (one claim per reader at a time: capacity holds),
+        then what they hold and a page of candidates in deadline order are read, pre-filtered
+        in SQL by modality, licence, language and subspecialty; the engine decides. On
+        PostgreSQL the study is taken ``FOR UPDATE SKIP LOCKED`` from the engine's first
+        few choices, so claimers racing for the head of the queue do not wait: each takes
+        the first one nobody else holds. On SQLite claims are serialised by the write lock.
+        The statements run on the driver's connection (``pg_claim``, ``sqlite_claim``): a
+        claim is a handful of tiny statements, and SQLAlchemy's work per statement cost
+        more than the database's."""
         now = self.clock() if now is None else now
         if self.engine.dialect.name == "postgresql":
-            return self._claim_next_pg(radiologist, now)
-        # Core, not the ORM: a claim is a handful of small statements, the ORM would double it
-        with self.engine.begin() as s:
-            spec, held = self._claim_spec(s, radiologist)
-            reader = _pull_reader(spec, held, now)
-            if reader is None:
-                return None
-            decision = self._claim_from_pages(s, spec, reader, now)
-            if decision is None:
-                return None
-            self._assign_many(s, [decision], now, mode="pull", actor=f"radiologist:{radiologist}")
-        logger.info("study %s claimed by %s", decision.study_uid, radiologist)
-        return decision
-
-    def _claim_next_pg(self, radiologist: str, now: float) -> Decision | None:
-        """``claim_next`` on PostgreSQL: the same statements in two round trips (see
-        ``pg_claim``). A study another claimer took between our read and our take is
-        skipped and the claim starts over without it."""
-        from reading_queue import pg_claim  # psycopg is needed on PostgreSQL only
+            from reading_queue import pg_claim as claims  # psycopg: PostgreSQL only
+        else:
+            from reading_queue import sqlite_claim as claims  # type: ignore[no-redef]
 
         def profile_of(spec: RadiologistSpec) -> dict[str, Any]:
-            return pg_claim.profile_params(
-                spec.modalities, spec.licences, spec.languages, spec.subspecialties
+            return claims.profile_params(
+                spec.key, spec.modalities, spec.licences, spec.languages, spec.subspecialties
             )
 
+        if self._claim_engine is None:
+            self._claim_engine = claims.claim_engine(self.engine)
         passed: set[str] = set()
         while True:
-            with pg_claim.ClaimConversation(self.engine) as conv:
+            with claims.ClaimConversation(self._claim_engine) as conv:
                 cached = self._spec_cache.get(radiologist)
                 profile = profile_of(cached[1]) if cached is not None else None
                 row, held, page = conv.open(radiologist, _HELD, profile)
@@ -878,83 +860,31 @@ class Worklist:
                 if reader is None:
                     return None
                 after: tuple[float, str] | None = None
-                decision = None
-                while decision is None:
+                while True:
                     rows = page if page is not None else conv.page(profile, after)
                     page = None
-                    candidates = [_queued(r, _prefs_of(r)) for r in rows]
-                    decision = next_for(
-                        now,
-                        spec.key,
-                        [c for c in candidates if c.uid not in passed],
-                        [reader],
-                        self.policy,
+                    fresh = [r for r in rows if r.study_uid not in passed]
+                    candidates = [_queued(r, _excluding(r, spec.key)) for r in fresh]
+                    choices = pull_choices(
+                        now, spec.key, candidates, [reader], self.policy, limit=_CLAIM_CHOICES
                     )
-                    if decision is None and len(rows) < pg_claim.PAGE:
-                        return None
-                    if decision is None:
-                        after = (float(rows[-1].deadline), str(rows[-1].study_uid))
-                actor = f"radiologist:{radiologist}"
-                if conv.take_and_commit(
-                    decision.study_uid,
+                    if choices or len(rows) < claims.PAGE:
+                        break
+                    after = (float(rows[-1].deadline), str(rows[-1].study_uid))
+                if not choices:
+                    return None  # (the conversation rolls back on the way out)
+                took = conv.take_and_commit(
+                    [(d.study_uid, d.lease_expires_at, d.reasons) for d in choices],
                     radiologist,
                     now,
-                    decision.lease_expires_at,
-                    actor,
-                    decision.reasons,
-                ):
-                    logger.info("study %s claimed by %s", decision.study_uid, radiologist)
+                    f"radiologist:{radiologist}",
+                )
+                if took is not None:
+                    decision = next(d for d in choices if d.study_uid == took)
+                    logger.info("study %s claimed by %s", took, radiologist)
                     return decision
-                passed.add(decision.study_uid)  # another claimer has it: try the next one
-
-    def _claim_from_pages(
-        self, s: Connection, spec: RadiologistSpec, reader: Reader, now: float
-    ) -> Decision | None:
-        first, rest = self._claim_queries(spec)
-        params: dict[str, Any] = {"b_deadline": 0.0, "b_uid": ""}
-        stmt = first
-        while True:
-            rows = s.execute(stmt, params).all()
-            if not rows:
-                return None
-            candidates = [_queued(r, _prefs_of(r)) for r in rows]
-            while candidates:
-                decision = next_for(now, spec.key, candidates, [reader], self.policy)
-                if decision is None:
-                    break
-                locked = s.execute(_LOCK_READY, {"b_uid": decision.study_uid}).first()
-                if locked is not None:
-                    return decision
-                # another claimer holds or just took it: the next one
-                candidates = [c for c in candidates if c.uid != decision.study_uid]
-            if len(rows) < _CLAIM_CANDIDATES:
-                return None
-            params = {"b_deadline": float(rows[-1].deadline), "b_uid": str(rows[-1].study_uid)}
-            stmt = rest
-
-    def _claim_queries(self, spec: RadiologistSpec) -> tuple[Any, Any]:
-        """The reader's candidate queries (first page, next pages), built once per profile."""
-        key = (spec.modalities, spec.licences, spec.languages, spec.subspecialties)
-        cache_key = repr(key)
-        found = self._claim_sql.get(cache_key)
-        if found is None:
-            base = (
-                select(*_QUEUED_COLUMNS, Station.preferred, Station.excluded)
-                .outerjoin(Station, Station.name == Study.station)
-                .where(Study.state == S.READY.value, *_coarse_filter(spec))
-                .order_by(Study.deadline, Study.study_uid)
-                .limit(_CLAIM_CANDIDATES)
-            )
-            after = or_(
-                Study.deadline > bindparam("b_deadline"),
-                and_(
-                    Study.deadline == bindparam("b_deadline"),
-                    Study.study_uid > bindparam("b_uid"),
-                ),
-            )
-            found = (base, base.where(after))
-            self._claim_sql[cache_key] = found
-        return found
+                # other claimers hold or took every one of them: look again without them
+                passed.update(d.study_uid for d in choices)
 
     # -- the radiologist's side ------------------------------------------------------------
 
@@ -1363,10 +1293,6 @@ _ASSIGNMENTS: Table = Assignment.__table__  # type: ignore[assignment]
 _RADIOLOGISTS: Table = Radiologist.__table__  # type: ignore[assignment]
 
 
-def _prefs_of(row: Any) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
-    return {row.station: (frozenset(row.preferred or ()), frozenset(row.excluded or ()))}
-
-
 _QUEUED_COLUMNS = (
     Study.study_uid,
     Study.priority,
@@ -1405,6 +1331,12 @@ def _pull_reader(spec: RadiologistSpec, held: Sequence[Any], now: float) -> Read
         in_progress_rvu=in_progress,
         # no fairness term in a pull: the reader asked for work for themselves
     )
+
+
+def _excluding(row: Any, key: str) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
+    """Station preferences of a PostgreSQL claim candidate: only whether the station
+    excludes the claiming reader (a pull has no use for the preferred list)."""
+    return {row.station: (frozenset(), frozenset([key]) if row.excludes_reader else frozenset())}
 
 
 def _queued(row: Any, stations: dict[str, tuple[frozenset[str], frozenset[str]]]) -> QueuedStudy:
@@ -1446,20 +1378,6 @@ _ASSIGN_READY = (
 )
 _INSERT_EVENT = insert(_EVENTS)
 _INSERT_ASSIGNMENT = insert(_ASSIGNMENTS)
-_LOCK_READER = (
-    select(Radiologist.id, Radiologist.updated_at)
-    .where(Radiologist.key == bindparam("b_key"))
-    .with_for_update()
-)
-_HELD_BY = select(Study.priority, Study.rvu, Study.state, Study.started_at).where(
-    Study.assignee == bindparam("b_key"), Study.state.in_(_HELD)
-)
-
-_LOCK_READY = (
-    select(Study.study_uid)
-    .where(Study.study_uid == bindparam("b_uid"), Study.state == S.READY.value)
-    .with_for_update(skip_locked=True)
-)
 
 
 def _station_prefs(
@@ -1505,19 +1423,6 @@ def _with_loads(
             )
         )
     return out
-
-
-def _coarse_filter(spec: RadiologistSpec) -> list[Any]:
-    """SQL pre-filter of a pull claim (the engine still checks everything)."""
-    conds: list[Any] = [Study.modality.in_(spec.modalities)]
-    juris = [Study.jurisdiction == ""]
-    for lic in spec.licences:
-        juris += [Study.jurisdiction == lic, Study.jurisdiction.like(f"{lic}-%")]
-    conds.append(or_(*juris))
-    if spec.languages:
-        conds.append(or_(Study.language == "", Study.language.in_(spec.languages)))
-    conds.append(or_(Study.subspecialty == "", Study.subspecialty.in_(spec.subspecialties or [""])))
-    return [and_(*conds)]
 
 
 def _radiologist_values(spec: RadiologistSpec) -> dict[str, Any]:
