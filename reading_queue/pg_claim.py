@@ -2,19 +2,21 @@
 
 A claim is a short conversation: lock the reader's row, read what they hold and the first
 page of candidate studies, let the engine choose, then take the chosen study and record
-the assignment. Through SQLAlchemy that is nine round trips (BEGIN, six statements, a
-second page now and then, COMMIT) and a few hundred microseconds of Python per statement.
-Here the same statements go through psycopg's pipeline mode on the pool's connection:
+the assignment. As separate statements that is nine round trips (BEGIN, six statements,
+a second page now and then, COMMIT); through psycopg's pipeline mode it is two:
 
-1. ``BEGIN; lock the reader; their held studies; candidates`` -- one round trip. The
-   server still runs them one after the other, each with its own snapshot taken when it
-   starts, so the held studies are read *after* the reader's lock is granted: the property
-   the two-statement form in ``worklist`` exists for (a single statement that waited for
-   the lock would see the holdings of before the claim that held it).
-2. ``take the study and write the event and the assignment; COMMIT`` -- one round trip,
-   one statement with data-modifying CTEs. The study is locked ``FOR UPDATE SKIP LOCKED``
-   and updated only if still ``ready``; when another claimer holds or took it nothing is
-   written, the empty transaction commits, and the caller tries again without it.
+1. ``BEGIN; lock the reader; their held studies; candidates``. The server still runs them
+   one after the other, each with its own snapshot taken when it starts, so the held
+   studies are read *after* the reader's lock is granted. (One statement that locked the
+   reader and joined their studies would not do: a statement that waited for the lock
+   sees the other tables as they were before the claim that held it, and would over-fill
+   the reader -- the 8-worker test caught exactly that.)
+2. ``take a study and write the event and the assignment; COMMIT``: one statement with
+   data-modifying CTEs. It gets the engine's first few choices, best first, and takes the
+   first that is still ``ready`` and not locked by another claimer (``FOR UPDATE SKIP
+   LOCKED``): claimers racing for the head of the queue each get the next one instead of
+   waiting or starting over. When all are gone nothing is written, the empty transaction
+   commits, and the caller looks again without them.
 
 The candidate query is one text for every reader (their profile goes in as arrays), so
 psycopg prepares it once per connection. The engine still decides; SQL only pre-filters.
@@ -35,7 +37,7 @@ from sqlalchemy.engine import Engine
 
 logger = logging.getLogger(__name__)
 
-#: rows per candidate page (as the portable path)
+#: rows per candidate page
 PAGE = 16
 
 LOCK_READER = "SELECT id, updated_at FROM radiologists WHERE key = %(key)s FOR UPDATE"

@@ -6,8 +6,9 @@ One public method per use case, one transaction each. Every state change is
 
 Concurrency. On PostgreSQL a pull claim locks its reader's row, then takes candidate
 studies with ``FOR UPDATE SKIP LOCKED``; a push round locks every reader row (in id order)
-and then the open studies, so a round and a claim never hand out the same study or push a
-reader past capacity, and lock order rules out deadlocks. On SQLite every transaction is
+and then the held studies, so a round and a claim never hand out the same study or push a
+reader past capacity; readers' own actions lock only the study, so lock order (readers,
+then studies) rules out deadlocks. On SQLite every transaction is
 ``BEGIN IMMEDIATE`` (see models.make_engine): writers are serialised.
 
 The decisions themselves come from the pure ``engine``; this module only loads its input
