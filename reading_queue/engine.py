@@ -551,6 +551,8 @@ def _score(load: _Load, study: QueuedStudy, policy: QueuePolicy) -> float:
     if study.priority == Priority.STAT:
         return score
     score += policy.fairness_weight * load.utilisation * 60.0
+    if not load.status.on_shift:
+        score += policy.on_call_penalty_minutes  # only called when it saves that much
     if load.reader.key in study.preferred:
         score -= policy.preferred_bonus_minutes
     return score
@@ -575,13 +577,27 @@ def _choose(
                     break
     pool = candidates
     if study.priority == Priority.STAT:
-        # A free reader starts now; a busy one's "almost done" is only an estimate.
+        # A free reader starts now; a busy one's "almost done" is only an estimate. Free
+        # readers on shift first (if they would meet the deadline): the on-call reader is
+        # woken when nobody on shift is free.
         idle = [c for c in candidates if c.ahead_of(study.priority) <= 1e-9]
+        on_shift = [
+            c
+            for c in idle
+            if c.status.on_shift
+            and now + c.minutes_ahead(study.priority, study.rvu) * 60.0 <= study.deadline
+        ]
+        if policy.on_call_penalty_minutes > 0 and on_shift:
+            idle = on_shift
         pool = idle or candidates
     elif policy.fairness_weight > 0:
         # Several readers free right now: nobody waits whoever takes it, so the one who has
-        # worked least lately (fairness), as a reader who pulls work would.
+        # worked least lately (fairness), as a reader who pulls work would -- on shift
+        # before on call.
         idle = [c for c in candidates if c.ahead_of(study.priority) <= 1e-9]
+        on_shift = [c for c in idle if c.status.on_shift]
+        if policy.on_call_penalty_minutes > 0 and on_shift:
+            idle = on_shift
         if len(idle) > 1:
             best = min(idle, key=lambda c: (round(c.utilisation, 2), _score(c, study, policy)))
             why = f"chosen: free now and least busy lately ({best.utilisation:.0%} of the"
@@ -593,6 +609,8 @@ def _choose(
     why += f", {len(candidates)} eligible with room)"
     if best.reader.key in study.preferred:
         why += "; preferred by the station"
+    if not best.status.on_shift:
+        why += "; on call: nobody on shift would be as quick"
     return best, why
 
 

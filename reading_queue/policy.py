@@ -77,6 +77,10 @@ class QueuePolicy(BaseModel):
     sticky_days: float = Field(default=30.0, ge=0)
     #: priorities an on-call (not on regular shift) reader is given
     on_call_priorities: list[str] = Field(default_factory=lambda: ["stat", "urgent"])
+    #: calling an on-call reader must save at least this many minutes over the readers on
+    #: shift (URGENT; a STAT goes to a free reader on shift first, to a free on-call reader
+    #: when nobody on shift is free). 0: on-call readers compete like everyone else.
+    on_call_penalty_minutes: float = Field(default=15.0, ge=0)
     procedures: list[ProcedureRule] = Field(default_factory=default_procedures)
     #: RVU when no procedure rule matches the modality
     default_rvu: float = Field(default=0.5, gt=0)

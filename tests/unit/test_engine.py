@@ -265,6 +265,59 @@ def test_on_call_reader_takes_stat_and_urgent_but_not_routine() -> None:
     assert assigned(run(studies, [r], policy=only_stat)) == {"stat": "r1"}
 
 
+ON_CALL = tuple(Shift(d, time(0), time(0), on_call=True) for d in range(7))
+
+
+def test_stat_goes_to_a_free_reader_on_shift_before_waking_the_on_call_one() -> None:
+    # the on-call reader is faster, but somebody on shift is free: they take it
+    slow = reader("on-shift", rvu_per_hour=6.0)
+    fast = reader("on-call", shifts=ON_CALL, rvu_per_hour=12.0)
+    s = study("s", priority=STAT, deadline=NOW + 30 * MIN)
+    d = only(run([s], [slow, fast]), DecisionKind.ASSIGN)
+    assert d.radiologist == "on-shift"
+    assert not any("on call" in r for r in d.reasons)
+    # nobody on shift is free: the on-call reader is woken at once (a STAT does not wait)
+    busy = [s, held("h", "on-shift", state=StudyState.IN_PROGRESS, started_at=NOW, rvu=1.0)]
+    d = only(run(busy, [slow, fast]), DecisionKind.ASSIGN)
+    assert d.radiologist == "on-call"
+    assert "on call: nobody on shift would be as quick" in d.reasons[1]
+    # without the rule (0 minutes) the fastest free reader wins, on call or not
+    no_rule = QueuePolicy(on_call_penalty_minutes=0)
+    assert assigned(run([s], [slow, fast], policy=no_rule)) == {"s": "on-call"}
+    # the reader on shift would miss a trauma contract's 20 min (2.5 RVU at 6/h = 25 min):
+    # the on-call reader, who would not, is woken
+    trauma = study("t", priority=STAT, rvu=2.5, deadline=NOW + 20 * MIN)
+    assert assigned(run([trauma], [slow, fast])) == {"t": "on-call"}
+
+
+def test_urgent_waits_a_little_for_a_reader_on_shift_rather_than_calling_on_call() -> None:
+    # the reader on shift has 10 min of work ahead: calling the on-call reader would save
+    # ~10 min, less than the 30 min it must save
+    on_shift = reader("on-shift", rvu_per_hour=6.0)
+    on_call = reader("on-call", shifts=ON_CALL, rvu_per_hour=6.0)
+    u = study("u", priority=URGENT, rvu=0.5, deadline=NOW + 240 * MIN)
+    work = held("h", "on-shift", state=StudyState.IN_PROGRESS, started_at=NOW, rvu=1.0)
+    assert assigned(run([u, work], [on_shift, on_call])) == {"u": "on-shift"}
+    # 40 min of work ahead on shift: the on-call reader saves 40 min and is called
+    long = held("h", "on-shift", state=StudyState.IN_PROGRESS, started_at=NOW, rvu=4.0)
+    d = only(run([u, long], [on_shift, on_call]), DecisionKind.ASSIGN)
+    assert d.radiologist == "on-call" and "on call" in d.reasons[1]
+    # the threshold is the policy's
+    patient = QueuePolicy(on_call_penalty_minutes=50)
+    assert assigned(run([u, long], [on_shift, on_call], policy=patient)) == {"u": "on-shift"}
+
+
+def test_several_free_readers_the_one_on_shift_takes_urgent_work() -> None:
+    # both free, the on-call one has worked less lately: still the one on shift
+    on_shift = reader("on-shift", recent_rvu=20.0)
+    on_call = reader("on-call", shifts=ON_CALL)
+    u = study("u", priority=URGENT)
+    assert assigned(run([u], [on_shift, on_call])) == {"u": "on-shift"}
+    # two free on shift: the least busy lately, as before
+    other = reader("other-shift")
+    assert assigned(run([u], [on_shift, on_call, other])) == {"u": "other-shift"}
+
+
 # -- choice -------------------------------------------------------------------------------
 
 
