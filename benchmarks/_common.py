@@ -29,7 +29,7 @@ from typing import Any
 from pydicom import dcmread
 
 from sample_studies.generate import DEFAULT_SEED, generate_samples, make_ct_series
-from tests.support.peers import OrthancServer, StoreSCP, storescu_config
+from tests.support.peers import OrthancServer, StoreSCP, dcmtk_tool, storescu_config
 from tests.support.telerad_procs import GatewayProcess
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -166,7 +166,7 @@ def storescu_push(
     release. ``TCP_NODELAY=1`` as for every DCMTK program (FIELD-NOTES: ~40 ms per instance
     otherwise).
     """
-    cmd = ["storescu", "-aec", called_aet, "-aet", "BENCH_SCU", "-nh", "-to", "30"]
+    cmd = [dcmtk_tool("storescu"), "-aec", called_aet, "-aet", "BENCH_SCU", "-nh", "-to", "30"]
     cmd += ["-xf", str(profile.config), profile.name, host, str(port), *map(str, paths)]
     env = dict(os.environ, TCP_NODELAY="1")
     started = time.perf_counter()
@@ -441,7 +441,7 @@ def machine_info(work_dir: Path) -> dict[str, Any]:
     import pynetdicom
 
     fs = _first_line(["sh", "-c", f"df -T {work_dir} | tail -1"])
-    dcmtk = _first_line(["storescu", "--version"])
+    dcmtk = _first_line([dcmtk_tool("storescu"), "--version"])
     match = re.search(r"v(\d+\.\d+\.\d+)", dcmtk)
     return {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),

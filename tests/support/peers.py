@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -37,6 +38,7 @@ __all__ = [
     "PostgresCluster",
     "StoreSCP",
     "dcmtk_available",
+    "dcmtk_tool",
     "echoscu",
     "find_orthanc_plugin",
     "free_port",
@@ -113,9 +115,19 @@ def wait_for_port(
         time.sleep(_POLL_INTERVAL_S)
 
 
+def dcmtk_tool(name: str) -> str:
+    """The DCMTK program ``name`` on PATH. pynetdicom installs scripts of the same names
+    (``storescu``, ``storescp``...) in the virtualenv's bin, first on PATH when the venv is
+    activated: that directory is skipped."""
+    venv_bin = (Path(sys.prefix) / "bin").resolve()
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d]
+    path = os.pathsep.join(d for d in dirs if Path(d).resolve() != venv_bin)
+    return shutil.which(name, path=path) or name
+
+
 def dcmtk_available() -> bool:
     """True if the DCMTK network tools these helpers drive are on PATH."""
-    return all(shutil.which(tool) for tool in ("storescp", "storescu", "echoscu"))
+    return all(shutil.which(dcmtk_tool(tool)) for tool in ("storescp", "storescu", "echoscu"))
 
 
 def orthanc_binary() -> Path | None:
@@ -277,7 +289,7 @@ class StoreSCP:
         self.log_path = Path()
 
     def command(self) -> list[str]:
-        cmd = ["storescp", "-aet", self.aet, "-od", str(self.out_dir), "+xa", "-dhl"]
+        cmd = [dcmtk_tool("storescp"), "-aet", self.aet, "-od", str(self.out_dir), "+xa", "-dhl"]
         cmd += ["-fe", ".dcm"]
         if self._promiscuous:
             cmd.append("--promiscuous")
@@ -374,7 +386,8 @@ def echoscu(
     timeout_s: float = 30.0,
 ) -> subprocess.CompletedProcess[str]:
     """Run DCMTK ``echoscu`` (C-ECHO); check ``returncode`` yourself (0 = success)."""
-    cmd = ["echoscu", "-aec", called_aet, "-aet", calling_aet, "-to", "10", host, str(port)]
+    cmd = [dcmtk_tool("echoscu"), "-aec", called_aet, "-aet", calling_aet, "-to", "10"]
+    cmd += [host, str(port)]
     return subprocess.run(
         cmd, capture_output=True, text=True, env=_peer_env(), timeout=timeout_s, check=False
     )
@@ -463,7 +476,7 @@ def storescu(
     does not hide the rest; check ``returncode`` and ``stderr`` yourself.
     """
     path_list = [Path(p) for p in paths]
-    cmd = ["storescu", "-aec", called_aet, "-aet", calling_aet, "-nh", "-to", "10"]
+    cmd = [dcmtk_tool("storescu"), "-aec", called_aet, "-aet", calling_aet, "-nh", "-to", "10"]
     if any(p.is_dir() for p in path_list):
         cmd += ["+sd", "+r"]
     with tempfile.TemporaryDirectory(prefix="telerad-storescu-") as tmp:
