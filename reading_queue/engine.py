@@ -716,13 +716,22 @@ def plan(
 
     # 3. pre-emptive reassignment of at-risk studies nobody has opened yet,
     #    4. assignment of ready studies -- in one urgency order
-    #: not opened yet, so still movable: at-risk studies, and STAT whenever a free reader
-    #: would start it clearly sooner (late binding: a push is a promise, not a commitment)
+    #: not opened yet, so still movable: at-risk studies, STAT whenever a free reader would
+    #: start it clearly sooner, and any study a reader who fell free would finish
+    #: ``rebalance_minutes`` sooner (late binding: a push is a promise, not a commitment)
+    someone_free = policy.rebalance_minutes > 0 and any(
+        ld.in_progress <= 1e-9 and ld.reader.active and (ld.status.on_shift or ld.status.on_call)
+        for ld in loads.values()
+    )
     at_risk = [
         s
         for s in still_held
         if s.state == StudyState.ASSIGNED
-        and (s.priority == Priority.STAT or s.deadline - now <= policy.escalate_s(s.priority))
+        and (
+            someone_free
+            or s.priority == Priority.STAT
+            or s.deadline - now <= policy.escalate_s(s.priority)
+        )
     ]
     queue = sorted([*ready, *at_risk], key=urgency)
     free = sum(
@@ -800,7 +809,8 @@ def _reassign(
     out: Plan,
 ) -> bool:
     """Move an unopened study: at risk, to whoever finishes it first if that beats its reader;
-    STAT, to a free reader who would finish it clearly sooner."""
+    otherwise to a free reader who would finish it clearly sooner (STAT: 2 min; others:
+    ``rebalance_minutes``)."""
     if not candidates:
         return False
     current = loads[st.assignee or ""]
@@ -821,10 +831,16 @@ def _reassign(
         )
     else:
         idle = [c for c in candidates if c.ahead_of(st.priority) <= 1e-9]
-        if st.priority != Priority.STAT or not idle:
+        if st.priority == Priority.STAT:
+            margin = STAT_MOVE_MARGIN_S
+        elif policy.rebalance_minutes > 0:
+            margin = policy.rebalance_minutes * 60.0
+        else:
+            return False
+        if not idle:
             return False
         best, why = _choose(st, idle, now, policy, sticky)
-        if finish(best) + STAT_MOVE_MARGIN_S >= finish_now:
+        if finish(best) + margin >= finish_now:
             return False
         reason = (
             f"reassigned: {best.reader.key} is free and would finish "

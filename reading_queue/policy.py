@@ -81,6 +81,10 @@ class QueuePolicy(BaseModel):
     #: shift (URGENT; a STAT goes to a free reader on shift first, to a free on-call reader
     #: when nobody on shift is free). 0: on-call readers compete like everyone else.
     on_call_penalty_minutes: float = Field(default=15.0, ge=0)
+    #: a reader who falls free takes an unopened study from a colleague's list when they
+    #: would finish it at least this many minutes sooner (STAT: 2 min, always). 0: only
+    #: STAT and studies about to breach move.
+    rebalance_minutes: float = Field(default=10.0, ge=0)
     procedures: list[ProcedureRule] = Field(default_factory=default_procedures)
     #: RVU when no procedure rule matches the modality
     default_rvu: float = Field(default=0.5, gt=0)

@@ -694,9 +694,22 @@ def test_assigned_stat_moves_to_a_free_reader_who_starts_it_sooner() -> None:
     assert d.reasons[0] == "reassigned: b is free and would finish 15 min sooner than a"
     # nothing ahead of it with a: it stays
     assert run(studies[1:], [reader("a"), reader("b")]).decisions == []
-    # not for routine work
+    # routine work moves too when it saves rebalance_minutes (10): b finishes 15 min sooner
     routine = [studies[0], held("r", "a", deadline=NOW + 600 * MIN, rvu=2.0)]
-    assert run(routine, [reader("a"), reader("b")]).decisions == []
+    d = only(run(routine, [reader("a"), reader("b")]), DecisionKind.REASSIGN)
+    assert (d.study_uid, d.radiologist, d.previous) == ("r", "b", "a")
+    assert d.reasons[0] == "reassigned: b is free and would finish 15 min sooner than a"
+    # ... not when it saves less, nor with the rule off
+    assert run(routine, [reader("a"), reader("b")], policy=QueuePolicy(rebalance_minutes=20)) == (
+        run(routine, [reader("a"), reader("b")], policy=QueuePolicy(rebalance_minutes=0))
+    )
+    assert (
+        run(routine, [reader("a"), reader("b")], policy=QueuePolicy(rebalance_minutes=0)).decisions
+        == []
+    )
+    # ... nor to a reader who is not free (b has 0.5 RVU open: 3.75 min)
+    busy_b = [*routine, held("bb", "b", state=StudyState.IN_PROGRESS, rvu=0.5)]
+    assert run(busy_b, [reader("a"), reader("b")]).of_kind(DecisionKind.REASSIGN) == []
 
 
 def test_capacity_reduction_to_zero_releases_all_not_started() -> None:

@@ -406,6 +406,21 @@ def duty_end(reader: Reader, now: float) -> float | None:
     return regular if regular is not None else on_call
 
 
+def duty_end_any(reader: Reader, now: float) -> float | None:
+    """When they stop working any kind of shift, windows of either kind running on (the
+    end that counts for the priorities on-call readers take)."""
+    ws = windows(reader, now)
+    if not any(a <= now < b for a, b, _ in ws):
+        return None
+    end = now
+    while True:
+        later = [b for a, b, _ in ws if a <= end < b]
+        if not later or end > now + HORIZON_S:
+            break
+        end = max(later)
+    return end
+
+
 def covers(licence: str, jurisdiction: str) -> bool:
     return jurisdiction == licence or jurisdiction.startswith(licence + "-")
 
@@ -633,8 +648,15 @@ def test_decisions_are_well_formed(sc: Scenario) -> None:
         elif d.kind is DecisionKind.REASSIGN:
             assert s.state is StudyState.ASSIGNED and s.uid not in released, (d, s)
             assert d.previous == s.assignee, (d, s)
-            # at risk, or a STAT moved to a free reader (late binding)
-            assert left <= sc.policy.escalate_s(s.priority) or s.priority == Priority.STAT, d
+            # at risk, or moved to a free reader (late binding: STAT, or saving
+            # rebalance_minutes, which the reason states)
+            assert (
+                left <= sc.policy.escalate_s(s.priority)
+                or s.priority == Priority.STAT
+                or (
+                    sc.policy.rebalance_minutes > 0 and " is free and would finish " in d.reasons[0]
+                )
+            ), d
         else:
             assert not s.escalated and left <= sc.policy.escalate_s(s.priority), (d, s)
             assert s.state is StudyState.READY or s.state in HELD, (d, s)
@@ -643,13 +665,15 @@ def test_decisions_are_well_formed(sc: Scenario) -> None:
         else:
             assert d.lease_expires_at is None, d
         assert d.reasons and all(why.strip() for why in d.reasons), d
-    # a study is moved only when its reader would miss the deadline, or a STAT to a reader
-    # with nothing ahead of it -- and only to a faster reader
+    # a study is moved only when its reader would miss the deadline, or to a reader with
+    # nothing ahead of it (STAT; other work when that saves rebalance_minutes) -- and only
+    # to a faster reader
     for d, before, after, idle in replay(sc, p)[1]:
         s = by_uid[d.study_uid]
         left_min = (s.deadline - sc.now) / 60.0
         at_risk = left_min * 60.0 <= sc.policy.escalate_s(s.priority)
-        late_binding = s.priority == Priority.STAT and idle
+        saves = before - after > sc.policy.rebalance_minutes - 1e-6
+        late_binding = idle and (s.priority == Priority.STAT or saves)
         assert (at_risk and before > left_min - 1e-6) or late_binding, (d, before, left_min)
         assert after < before + 1e-6, (d, before, after)
 
@@ -757,7 +781,8 @@ def test_at_risk_study_moves_when_a_faster_eligible_reader_has_room(sc: Scenario
         )
 
     faster = {key for key, load in loads.items() if key != risk.assignee and helps(load)}
-    # a STAT may also move to a reader with nothing ahead of it who would finish it sooner
+    # a STAT may also move to a reader with nothing ahead of it who would finish it sooner,
+    # other work when that saves rebalance_minutes
     free = {key for key in faster if loads[key].minutes(risk.priority) == 0}
     left = risk.deadline - sc.now
     misses = left <= sc.policy.escalate_s(risk.priority) and now_min * 60.0 > left
@@ -766,6 +791,12 @@ def test_at_risk_study_moves_when_a_faster_eligible_reader_has_room(sc: Scenario
         assert moved["risk"].radiologist in faster
     elif risk.priority == Priority.STAT and "risk" in moved:
         assert moved["risk"].radiologist in free, (free, moved)
+    elif "risk" in moved:
+        # late binding of other work: only to a free reader who saves rebalance_minutes
+        to = moved["risk"].radiologist or ""
+        assert to in free, (free, moved)
+        saved = now_min - loads[to].minutes(risk.priority, risk.rvu)
+        assert saved > sc.policy.rebalance_minutes - 1e-6, (saved, moved)
     else:
         assert "risk" not in moved, (misses, faster)
     if risk.priority == Priority.STAT and any(
@@ -932,7 +963,12 @@ def test_next_for_gives_only_eligible_studies_and_never_at_capacity(
         return
 
     def may_take(s: QueuedStudy) -> bool:  # room for it: backlog limit and the shift's end
-        if not load.starts_in_time(s.priority, sc.now):
+        # (on-call hours count for the priorities on-call readers take, as in the engine)
+        if sc.policy.on_call_takes(s.priority):
+            end = duty_end_any(r, sc.now)
+            if end is not None and sc.now + load.minutes(s.priority) * 60.0 >= end:
+                return False
+        elif not load.starts_in_time(s.priority, sc.now):
             return False
         return (
             s.priority == Priority.STAT
