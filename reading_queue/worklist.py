@@ -577,14 +577,14 @@ class Worklist:
         back and is planned again."""
         for attempt in range(3):
             try:
-                return self._round(self.clock() if now is None else now, explain, assign)
+                return self._round(now, explain, assign)
             except StaleState as exc:
                 if attempt == 2:
                     raise
                 logger.info("round raced with a reader (%s); planning again", exc)
         raise AssertionError("unreachable")
 
-    def _round(self, now: float, explain: bool, assign: bool) -> RoundResult:
+    def _round(self, at: float | None, explain: bool, assign: bool) -> RoundResult:
         with self.session.begin() as s:
             rows = s.scalars(select(Radiologist).order_by(Radiologist.id).with_for_update()).all()
             specs = [_spec(r) for r in rows]
@@ -601,6 +601,9 @@ class Worklist:
             )
             ready = select(*_QUEUED_COLUMNS).where(Study.state == S.READY.value)
             studies = [_queued(row, stations) for q in (held, ready) for row in s.execute(q)]
+            # the clock once the locks are ours: what the round writes happens after whatever
+            # it waited for (an assignment must not start before the previous one ended)
+            now = self.clock() if at is None else at
             recent = self._recent_rvu(s, now)
             readers = _with_loads(specs, studies, recent, now)
             sticky = self._sticky(s, now)
@@ -829,7 +832,7 @@ class Worklist:
         The statements run on the driver's connection (``pg_claim``, ``sqlite_claim``): a
         claim is a handful of tiny statements, and SQLAlchemy's work per statement cost
         more than the database's."""
-        now = self.clock() if now is None else now
+        at = now
         if self.engine.dialect.name == "postgresql":
             from reading_queue import pg_claim as claims  # psycopg: PostgreSQL only
         else:
@@ -850,6 +853,8 @@ class Worklist:
                 row, held, page = conv.open(radiologist, _HELD, profile)
                 if row is None:
                     raise UnknownRadiologist(f"no radiologist {radiologist!r}")
+                # the clock once the reader's lock is ours (see _round)
+                now = self.clock() if at is None else at
                 if cached is None or cached[0] != row[1]:
                     spec = _spec(conv.radiologist(row[0]))
                     self._spec_cache[radiologist] = (row[1], spec)
@@ -1015,7 +1020,6 @@ class Worklist:
     ) -> None:
         """Hand a study to ``radiologist`` whatever its state before reading; refuses an
         ineligible reader unless ``force`` (the reason is recorded)."""
-        now = self.clock() if now is None else now
         with self.session.begin() as s:
             row = s.scalar(
                 select(Radiologist).where(Radiologist.key == radiologist).with_for_update()
@@ -1023,6 +1027,7 @@ class Worklist:
             if row is None:
                 raise UnknownRadiologist(f"no radiologist {radiologist!r}")
             st = self._state_of(s, uid)
+            now = self.clock() if now is None else now  # once the locks are ours
             if st.state not in (S.READY, *_HELD):
                 raise StaleState(f"study {uid} is {st.state}: only unread studies can be assigned")
             queued = _queued(st, _station_prefs(s, {st.station}))
