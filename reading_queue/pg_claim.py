@@ -35,10 +35,15 @@ from psycopg.types.json import Json
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 
+from reading_queue.engine import HELD
+from reading_queue.roster import RadiologistSpec
+
 logger = logging.getLogger(__name__)
 
 #: rows per candidate page
 PAGE = 16
+#: the states in which a study counts against its reader
+_HELD_STATES = [s.value for s in HELD]
 
 LOCK_READER = "SELECT id, updated_at FROM radiologists WHERE key = %(key)s FOR UPDATE"
 
@@ -107,22 +112,16 @@ SELECT study_uid FROM moved
 """
 
 
-def profile_params(
-    key: str,
-    modalities: Sequence[str],
-    licences: Sequence[str],
-    languages: Sequence[str],
-    subspecialties: Sequence[str],
-) -> dict[str, Any]:
-    """The candidate query's parameters for a reader: the same coarse filter as the
-    portable path (the engine checks everything again)."""
+def profile_params(spec: RadiologistSpec) -> dict[str, Any]:
+    """The candidate query's parameters for a reader: a coarse pre-filter (the engine
+    checks everything again)."""
     return {
-        "key": key,
-        "modalities": list(modalities),
-        "licences": list(licences),
-        "licence_prefixes": [f"{lic}-%" for lic in licences],
-        "languages": list(languages),
-        "subspecialties": ["", *subspecialties],
+        "key": spec.key,
+        "modalities": list(spec.modalities),
+        "licences": list(spec.licences),
+        "licence_prefixes": [f"{lic}-%" for lic in spec.licences],
+        "languages": list(spec.languages),
+        "subspecialties": ["", *spec.subspecialties],
     }
 
 
@@ -164,12 +163,12 @@ class ClaimConversation:
             self._raw.close()
 
     def open(
-        self, key: str, held_states: Sequence[str], profile: dict[str, Any] | None
+        self, key: str, profile: dict[str, Any] | None
     ) -> tuple[Any, list[Any], list[Any] | None]:
         """``BEGIN``, lock the reader, read their holdings and (given their profile) the
         first candidate page: one round trip. Returns (reader row or None, held, page)."""
         try:
-            return self._open(key, held_states, profile)
+            return self._open(key, profile)
         except psycopg.OperationalError:
             if not (self.pg.closed or self.pg.broken):
                 raise
@@ -177,16 +176,16 @@ class ClaimConversation:
             logger.warning("claim: database connection lost, reconnecting")
             self._raw.invalidate()
             self._connect()
-            return self._open(key, held_states, profile)
+            return self._open(key, profile)
 
     def _open(
-        self, key: str, held_states: Sequence[str], profile: dict[str, Any] | None
+        self, key: str, profile: dict[str, Any] | None
     ) -> tuple[Any, list[Any], list[Any] | None]:
         pg = self.pg
         with pg.pipeline():
             pg.execute("BEGIN")
             lock = pg.execute(LOCK_READER, {"key": key}, prepare=True)
-            held = pg.execute(HELD_BY, {"key": key, "held": list(held_states)}, prepare=True)
+            held = pg.execute(HELD_BY, {"key": key, "held": _HELD_STATES}, prepare=True)
             page = None
             if profile is not None:
                 page = pg.cursor(row_factory=namedtuple_row)

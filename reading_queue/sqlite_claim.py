@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from reading_queue.engine import HELD
+from reading_queue.roster import RadiologistSpec
 
 #: rows per candidate page
 PAGE = 16
@@ -77,21 +78,15 @@ def claim_engine(engine: Engine) -> Engine:
     return engine
 
 
-def profile_params(
-    key: str,
-    modalities: Sequence[str],
-    licences: Sequence[str],
-    languages: Sequence[str],
-    subspecialties: Sequence[str],
-) -> dict[str, Any]:
+def profile_params(spec: RadiologistSpec) -> dict[str, Any]:
     """The candidate query's parameters for a reader (a superset: the engine decides)."""
     return {
-        "key": key,
-        "modalities": json.dumps(list(modalities)),
-        "licences": json.dumps(list(licences)),
-        "any_language": not languages,
-        "languages": json.dumps(list(languages)),
-        "subspecialties": json.dumps(["", *subspecialties]),
+        "key": spec.key,
+        "modalities": json.dumps(list(spec.modalities)),
+        "licences": json.dumps(list(spec.licences)),
+        "any_language": not spec.languages,
+        "languages": json.dumps(list(spec.languages)),
+        "subspecialties": json.dumps(["", *spec.subspecialties]),
     }
 
 
@@ -133,13 +128,12 @@ class ClaimConversation:
         return cur.execute(sql, params).fetchall()
 
     def open(
-        self, key: str, held_states: Sequence[str], profile: dict[str, Any] | None
+        self, key: str, profile: dict[str, Any] | None
     ) -> tuple[Any, list[Any], list[Any] | None]:
         """Take the write lock, read the reader's row, their holdings and (given their
         profile) the first candidate page."""
         self.db.execute("BEGIN IMMEDIATE")
         row = self.db.execute(_READER, {"key": key}).fetchone()
-        assert set(held_states) == {s.value for s in HELD}
         held = self.db.execute(_HELD_BY, {"key": key})
         page = self._rows(_CANDIDATES, profile) if profile is not None and row else None
         return row, held.fetchall(), page

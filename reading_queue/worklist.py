@@ -162,7 +162,8 @@ class Worklist:
         self.read: sessionmaker[Session] = sessionmaker(
             engine.execution_options(read_only=True), expire_on_commit=False
         )
-        self._spec_cache: dict[str, tuple[float, RadiologistSpec]] = {}
+        #: per reader: (row updated_at, profile, the claim module's query parameters)
+        self._spec_cache: dict[str, tuple[float, RadiologistSpec, dict[str, Any]]] = {}
         self._claim_engine: Engine | None = None
 
     # -- roster ----------------------------------------------------------------------------
@@ -838,30 +839,23 @@ class Worklist:
         else:
             from reading_queue import sqlite_claim as claims  # type: ignore[no-redef]
 
-        def profile_of(spec: RadiologistSpec) -> dict[str, Any]:
-            return claims.profile_params(
-                spec.key, spec.modalities, spec.licences, spec.languages, spec.subspecialties
-            )
-
         if self._claim_engine is None:
             self._claim_engine = claims.claim_engine(self.engine)
         passed: set[str] = set()
         while True:
             with claims.ClaimConversation(self._claim_engine) as conv:
                 cached = self._spec_cache.get(radiologist)
-                profile = profile_of(cached[1]) if cached is not None else None
-                row, held, page = conv.open(radiologist, _HELD, profile)
+                row, held, page = conv.open(radiologist, cached[2] if cached else None)
                 if row is None:
                     raise UnknownRadiologist(f"no radiologist {radiologist!r}")
                 # the clock once the reader's lock is ours (see _round)
                 now = self.clock() if at is None else at
                 if cached is None or cached[0] != row[1]:
                     spec = _spec(conv.radiologist(row[0]))
-                    self._spec_cache[radiologist] = (row[1], spec)
-                    profile, page = profile_of(spec), None
-                else:
-                    spec = cached[1]
-                assert profile is not None
+                    profile = claims.profile_params(spec)
+                    cached = self._spec_cache[radiologist] = (row[1], spec, profile)
+                    page = None  # read with the old profile (or none)
+                _, spec, profile = cached
                 reader = _pull_reader(spec, held, now)
                 if reader is None:
                     return None
@@ -1296,7 +1290,6 @@ _STATE = {st.value: st for st in StudyState}
 _STUDIES: Table = Study.__table__  # type: ignore[assignment]
 _EVENTS: Table = WorklistEvent.__table__  # type: ignore[assignment]
 _ASSIGNMENTS: Table = Assignment.__table__  # type: ignore[assignment]
-_RADIOLOGISTS: Table = Radiologist.__table__  # type: ignore[assignment]
 
 
 _QUEUED_COLUMNS = (
