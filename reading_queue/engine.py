@@ -124,9 +124,11 @@ class Reader:
     open_rvu: tuple[float, float, float] = (0.0, 0.0, 0.0)
     #: studies they hold, opened or not
     open_count: int = 0
-    #: RVU still to do on the studies they have open: no reader drops the case in hand for a
-    #: new one, so this comes before anything new, whatever its priority
+    #: RVU still to do on the studies they have open: this comes before anything new --
+    #: except a STAT, which a reader sets a non-STAT case aside for (policy ``stat_interrupts``)
     in_progress_rvu: float = 0.0
+    #: the part of ``in_progress_rvu`` that is STAT work (a new STAT waits for that)
+    in_progress_stat_rvu: float = 0.0
     #: RVU they finished recently (the fairness window, e.g. this shift)
     recent_rvu: float = 0.0
 
@@ -405,6 +407,13 @@ class _Load:
     count: int
     rvu: list[float]
     in_progress: float
+    #: the STAT part of ``in_progress``
+    in_progress_stat: float = 0.0
+    #: a new STAT comes before the non-STAT case in hand when waiting for it would finish
+    #: the STAT within ``window`` of its deadline (policy ``stat_interrupts``; window: the
+    #: STAT escalation time)
+    interrupts: bool = False
+    window: float = 0.0
     _utilisation: float | None = None
 
     @property
@@ -421,22 +430,45 @@ class _Load:
         return self._utilisation
 
     def ahead_of(self, priority: int) -> float:
-        """RVU the reader works before a new study of ``priority``: what they have open, then
-        their list by urgency."""
+        """RVU the reader works before a new study of ``priority`` when they finish what they
+        have open first, then their list by urgency."""
         return self.in_progress + sum(self.rvu[: priority + 1])
 
-    def minutes_ahead(self, priority: int, extra: float = 0.0) -> float:
-        return (self.ahead_of(priority) + extra) / self.reader.rvu_per_hour * 60.0
+    def _plan_for(self, study: QueuedStudy, own: bool) -> tuple[float, bool]:
+        """RVU they work until ``study`` is done (``own``: it is already in their list), and
+        whether they set the case in hand aside for it: a STAT that would otherwise finish
+        inside its escalation window, when readers interrupt for STAT."""
+        finish = self.ahead_of(study.priority) + (0.0 if own else study.rvu)
+        if not self.interrupts or study.priority != Priority.STAT:
+            return finish, False
+        other = self.in_progress - self.in_progress_stat
+        if other <= 1e-9:
+            return finish, False
+        if self.now + finish / self.reader.rvu_per_hour * 3600.0 <= study.deadline - self.window:
+            return finish, False
+        return finish - other, True
+
+    def interrupted_by(self, study: QueuedStudy, own: bool = False) -> bool:
+        """Whether they would set a non-STAT case aside for ``study``."""
+        return self._plan_for(study, own)[1]
+
+    def finish_minutes(self, study: QueuedStudy, own: bool = False) -> float:
+        """Minutes of work until ``study`` would be done with them."""
+        return self._plan_for(study, own)[0] / self.reader.rvu_per_hour * 60.0
+
+    def start_minutes(self, study: QueuedStudy) -> float:
+        """Minutes of work before they would open ``study``."""
+        return self.finish_minutes(study) - study.rvu / self.reader.rvu_per_hour * 60.0
 
     def has_room(self, study: QueuedStudy, policy: QueuePolicy) -> bool:
         if self.count >= self.reader.max_concurrent:
             return False
         ends = self._ends(study, policy)
-        if ends is not None and self.now + self.minutes_ahead(study.priority) * 60.0 >= ends:
+        if ends is not None and self.now + self.start_minutes(study) * 60.0 >= ends:
             return False  # they would leave before starting it: it would only bounce back
         if study.priority == Priority.STAT or self.count == 0:
             return True
-        return self.minutes_ahead(study.priority, study.rvu) <= policy.max_backlog_minutes
+        return self.finish_minutes(study) <= policy.max_backlog_minutes
 
     def add(self, study: QueuedStudy) -> None:
         self.count += 1
@@ -447,6 +479,8 @@ class _Load:
         if study.state == StudyState.IN_PROGRESS:
             left = remaining_rvu(study.rvu, study.started_at, self.now, self.reader.rvu_per_hour)
             self.in_progress = _clean(self.in_progress - left)
+            if study.priority == Priority.STAT:
+                self.in_progress_stat = _clean(self.in_progress_stat - left)
         else:
             self.rvu[study.priority] = _clean(self.rvu[study.priority] - study.rvu)
 
@@ -462,7 +496,7 @@ class _Load:
             return "at capacity"
         if not self.has_room(study, policy):
             ends = self._ends(study, policy)
-            if ends is not None and self.now + self.minutes_ahead(study.priority) * 60 >= ends:
+            if ends is not None and self.now + self.start_minutes(study) * 60 >= ends:
                 return "shift ends before they could start it"
             return f"more than {policy.max_backlog_minutes:.0f} min of work ahead"
         return "just released by them"
@@ -473,10 +507,18 @@ def _clean(value: float) -> float:
     return 0.0 if value < 1e-9 else value
 
 
-def _loads(readers: Iterable[Reader], now: float) -> dict[str, _Load]:
+def _loads(readers: Iterable[Reader], now: float, policy: QueuePolicy) -> dict[str, _Load]:
     return {
         r.key: _Load(
-            r, shift_status(r, now), now, r.open_count, list(r.open_rvu), r.in_progress_rvu
+            r,
+            shift_status(r, now),
+            now,
+            r.open_count,
+            list(r.open_rvu),
+            r.in_progress_rvu,
+            r.in_progress_stat_rvu,
+            policy.stat_interrupts,
+            policy.escalate_s(Priority.STAT),
         )
         for r in readers
     }
@@ -547,8 +589,10 @@ def _eligible_reason(load: _Load, study: QueuedStudy) -> str:
 def _score(load: _Load, study: QueuedStudy, policy: QueuePolicy) -> float:
     """Minutes: projected finish of the study with this reader, adjusted for fairness and
     preference -- except for STAT, where only the earliest finish counts."""
-    score = load.minutes_ahead(study.priority, study.rvu)
+    score = load.finish_minutes(study)
     if study.priority == Priority.STAT:
+        if load.interrupted_by(study):
+            score += policy.interrupt_penalty_minutes  # only when it saves that much
         return score
     score += policy.fairness_weight * load.utilisation * 60.0
     if not load.status.on_shift:
@@ -571,25 +615,28 @@ def _choose(
         if want is not None:
             for load in candidates:
                 if load.reader.key == want:
-                    finish = now + load.minutes_ahead(study.priority, study.rvu) * 60.0
+                    finish = now + load.finish_minutes(study) * 60.0
                     if finish <= study.deadline:
                         return load, "chosen: reads this patient's other study (sticky)"
                     break
     pool = candidates
     if study.priority == Priority.STAT:
         # A free reader starts now; a busy one's "almost done" is only an estimate. Free
-        # readers on shift first (if they would meet the deadline): the on-call reader is
-        # woken when nobody on shift is free.
-        idle = [c for c in candidates if c.ahead_of(study.priority) <= 1e-9]
-        on_shift = [
+        # readers who would finish it before its escalation window, on shift first (the
+        # on-call reader is woken when nobody on shift is free); else whoever finishes it
+        # first, free, busy or setting a case aside.
+        safe_by = study.deadline - policy.escalate_s(Priority.STAT)
+        safe = [
             c
-            for c in idle
-            if c.status.on_shift
-            and now + c.minutes_ahead(study.priority, study.rvu) * 60.0 <= study.deadline
+            for c in candidates
+            if c.ahead_of(study.priority) <= 1e-9
+            and now + c.finish_minutes(study) * 60.0 <= safe_by
         ]
+        on_shift = [c for c in safe if c.status.on_shift]
         if policy.on_call_penalty_minutes > 0 and on_shift:
-            idle = on_shift
-        pool = idle or candidates
+            pool = on_shift
+        elif safe:
+            pool = safe
     elif policy.fairness_weight > 0:
         # Several readers free right now: nobody waits whoever takes it, so the one who has
         # worked least lately (fairness), as a reader who pulls work would -- on shift
@@ -604,13 +651,21 @@ def _choose(
             why += f" last 12 h; {len(idle)} free, {len(candidates)} eligible with room)"
             return best, why
     best = min(pool, key=lambda c: (_score(c, study, policy), c.reader.key))
-    minutes = best.minutes_ahead(study.priority, study.rvu)
-    why = f"chosen: least projected load ({minutes:.0f} min of work incl. this study"
-    why += f", {len(candidates)} eligible with room)"
+    minutes = best.finish_minutes(study)
+    if study.priority == Priority.STAT:
+        why = f"chosen: earliest finish ({minutes:.0f} min of work incl. this study"
+        why += f", {len(candidates)} eligible with room)"
+        if pool is candidates:
+            why += "; nobody free would finish it before the escalation window"
+    else:
+        why = f"chosen: least projected load ({minutes:.0f} min of work incl. this study"
+        why += f", {len(candidates)} eligible with room)"
     if best.reader.key in study.preferred:
         why += "; preferred by the station"
     if not best.status.on_shift:
         why += "; on call: nobody on shift would be as quick"
+    if best.interrupted_by(study):
+        why += "; they set the case in hand aside for it"
     return best, why
 
 
@@ -636,7 +691,7 @@ def plan(
     """
     sticky = sticky or {}
     urgency = _key_function(now, policy)
-    loads = _loads(readers, now)
+    loads = _loads(readers, now, policy)
     eligibility = _Eligibility(loads, policy)
     out = Plan()
     ready: list[QueuedStudy] = []
@@ -740,9 +795,27 @@ def plan(
         if ld.reader.active and (ld.status.on_shift or ld.status.on_call)
     )
     passed_over: list[QueuedStudy] = []
-    for st in queue:
+    #: unopened non-STAT studies each reader held at the start of the round and still holds:
+    #: one of them may make room for a STAT on a reader at capacity
+    movable = {
+        key: [s for s in mine if s.state == StudyState.ASSIGNED and s.priority != Priority.STAT]
+        for key, mine in by_reader.items()
+    }
+    room_made: set[str] = set()
+    #: with no slot left, only a STAT can still be placed (by making room)
+    last_stat = max(
+        (i for i, s in enumerate(queue) if s.priority == Priority.STAT),
+        default=-1,
+    )
+    for i, st in enumerate(queue):
+        if st.uid in room_made:
+            continue  # moved off a full reader for a STAT already
         if free <= 0 and st.state == StudyState.READY and not explain:
-            break
+            if i > last_stat or not any(movable.values()):
+                break
+            if st.priority != Priority.STAT:
+                passed_over.append(st)
+                continue
         candidates = [
             ld
             for ld in eligibility.readers_for(st)
@@ -750,8 +823,26 @@ def plan(
             and ld.reader.key != st.assignee
             and ld.has_room(st, policy)
         ]
+        if st.priority == Priority.STAT and st.state == StudyState.READY:
+            full = [
+                ld
+                for ld in eligibility.readers_for(st)
+                if ld.reader.key != avoid.get(st.uid)
+                and ld.count >= ld.reader.max_concurrent
+                and movable.get(ld.reader.key)
+            ]
+            if full:
+                moved = _make_room(
+                    st, candidates, full, movable, eligibility, now, policy, sticky, out
+                )
+                if moved is not None:
+                    room_made.add(moved)
+                    continue
         if st.state == StudyState.ASSIGNED:
             if _reassign(st, candidates, loads, now, policy, sticky, out):
+                mine = movable.get(st.assignee or "", [])
+                if st in mine:
+                    mine.remove(st)
                 # the slot it freed goes to the most urgent study passed over so far
                 for earlier in list(passed_over):
                     again = [
@@ -773,6 +864,76 @@ def plan(
             if st.uid not in assigned:
                 out.waiting[st.uid] = _why_waiting(st, loads, policy)
     return out
+
+
+def _make_room(
+    st: QueuedStudy,
+    candidates: list[_Load],
+    full: list[_Load],
+    movable: dict[str, list[QueuedStudy]],
+    eligibility: _Eligibility,
+    now: float,
+    policy: QueuePolicy,
+    sticky: Mapping[str, str],
+    out: Plan,
+) -> str | None:
+    """A STAT whose best reader is at capacity with unopened work: that reader's least
+    urgent unopened study moves to another reader (or back to the pool) and the STAT takes
+    its place -- when that reader would finish the STAT ``STAT_MOVE_MARGIN_S`` before anyone
+    with room, and the best of those would finish it inside its escalation window. Returns
+    the uid of the study moved; None: nothing done (the caller assigns as usual)."""
+    best, why = _choose(st, [*candidates, *full], now, policy, sticky)
+    if not any(best is ld for ld in full):
+        return None
+    why = why.replace(" eligible with room", f" eligible, {len(full)} of them full")
+    if candidates:
+        # minutes until the STAT is done: with them (an interruption counts its penalty), and
+        # with the quickest reader who has room
+        mine = best.finish_minutes(st)
+        if best.interrupted_by(st):
+            mine += policy.interrupt_penalty_minutes
+        quickest = min(c.finish_minutes(st) for c in candidates)
+        if mine + STAT_MOVE_MARGIN_S / 60.0 >= quickest:
+            return None
+        if now + quickest * 60.0 <= st.deadline - policy.escalate_s(Priority.STAT):
+            return None  # no need
+    urgency = _key_function(now, policy)
+    key = best.reader.key
+    moving = max(movable[key], key=urgency)
+    movable[key].remove(moving)
+    best.remove(moving)
+    reason = f"moved: makes room on {key} for STAT {st.uid}"
+    takers = [
+        ld
+        for ld in eligibility.readers_for(moving)
+        if ld is not best and ld.has_room(moving, policy)
+    ]
+    if takers:
+        to, to_why = _choose(moving, takers, now, policy, sticky)
+        to.add(moving)
+        out.decisions.append(
+            Decision(
+                DecisionKind.REASSIGN,
+                moving.uid,
+                to.reader.key,
+                previous=key,
+                reasons=(reason, _eligible_reason(to, moving), to_why, _slack(moving, now)),
+                lease_expires_at=now + policy.lease_s(moving.priority),
+            )
+        )
+    else:
+        out.decisions.append(Decision(DecisionKind.RELEASE, moving.uid, key, reasons=(reason,)))
+    best.add(st)
+    out.decisions.append(
+        Decision(
+            DecisionKind.ASSIGN,
+            st.uid,
+            key,
+            reasons=(_eligible_reason(best, st), why, _slack(st, now)),
+            lease_expires_at=now + policy.lease_s(st.priority),
+        )
+    )
+    return moving.uid
 
 
 def _assign(
@@ -814,10 +975,10 @@ def _reassign(
     if not candidates:
         return False
     current = loads[st.assignee or ""]
-    finish_now = now + current.minutes_ahead(st.priority) * 60.0
+    finish_now = now + current.finish_minutes(st, own=True) * 60.0
 
     def finish(c: _Load) -> float:
-        return now + c.minutes_ahead(st.priority, st.rvu) * 60.0
+        return now + c.finish_minutes(st) * 60.0
 
     risky = st.deadline - now <= policy.escalate_s(st.priority)
     if risky and finish_now > st.deadline:
@@ -840,6 +1001,8 @@ def _reassign(
         if not idle:
             return False
         best, why = _choose(st, idle, now, policy, sticky)
+        if best.interrupted_by(st):
+            margin += policy.interrupt_penalty_minutes * 60.0
         if finish(best) + margin >= finish_now:
             return False
         reason = (
@@ -907,7 +1070,7 @@ def pull_choices(
     Claimers racing each other for the head of the queue take the first one nobody else
     has taken, which is the one the engine would choose once the others are gone (one
     claim adds one study, so the reader's room is the same for every choice)."""
-    loads = _loads(readers, now)
+    loads = _loads(readers, now, policy)
     load = loads.get(reader_key)
     if load is None:
         return []

@@ -85,6 +85,14 @@ class QueuePolicy(BaseModel):
     #: would finish it at least this many minutes sooner (STAT: 2 min, always). 0: only
     #: STAT and studies about to breach move.
     rebalance_minutes: float = Field(default=10.0, ge=0)
+    #: a reader sets a non-STAT case aside to read a STAT given to them (the case stays
+    #: theirs, in progress): a new STAT waits only for the STAT work ahead of it. False: a
+    #: STAT waits for the case in hand like any other study.
+    stat_interrupts: bool = True
+    #: a STAT goes to a reader in the middle of another case only when that finishes it at
+    #: least this many minutes before a free reader would (interruptions cost the set-aside
+    #: case time and attention)
+    interrupt_penalty_minutes: float = Field(default=2.0, ge=0)
     procedures: list[ProcedureRule] = Field(default_factory=default_procedures)
     #: RVU when no procedure rule matches the modality
     default_rvu: float = Field(default=0.5, gt=0)

@@ -89,6 +89,8 @@ STRATEGIES = ("telerad", "fifo_pull", "round_robin")
 TICK_S = 300.0
 #: spread of reading times around RVU / rate (lognormal, mean 1)
 NOISE_SIGMA = 0.35
+#: what setting a case aside for a STAT costs it: finding one's place again when resuming
+RESUME_S = 120.0
 #: give up this long after the last arrival (a roster that cannot read something at all)
 HARD_STOP_S = 48 * 3600.0
 #: the hub's fairness window (reading_queue.worklist: RVU reported in the last 12 h)
@@ -390,6 +392,8 @@ class Reading:
     priority: int
     started: float
     finished: float
+    #: (from, to) while the reader had it set aside for a STAT; each cost it ``RESUME_S``
+    set_aside: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass
@@ -438,6 +442,8 @@ class SimResult:
     reassignments: int = 0
     releases: int = 0
     ignored_decisions: int = 0
+    #: cases readers set aside for a STAT
+    interruptions: int = 0
     #: epoch seconds when the last study was read (or the hard stop)
     ended_at: float = 0.0
     #: most studies each reader held at once (in hand + assigned to them)
@@ -455,6 +461,7 @@ class SimResult:
             "reassignments": self.reassignments,
             "releases": self.releases,
             "ignored_decisions": self.ignored_decisions,
+            "interruptions": self.interruptions,
             "ended_at": datetime.fromtimestamp(self.ended_at, ZoneInfo(PEAK_TZ)).isoformat(
                 timespec="seconds"
             ),
@@ -474,12 +481,14 @@ class _Study:
         "escalated",
         "finished",
         "idx",
+        "left_s",
         "noise",
         "patient_key",
         "priority",
         "profile",
         "qs",
         "rvu",
+        "set_aside",
         "started",
         "state",
     )
@@ -503,6 +512,10 @@ class _Study:
         self.assignee: str | None = None
         self.started: float | None = None
         self.finished: float | None = None
+        #: reading time still to do on a case set aside for a STAT
+        self.left_s = 0.0
+        #: (from, to) of each time it was set aside (to: when it was resumed)
+        self.set_aside: list[tuple[float, float]] = []
         self.escalated = False
         self.qs = QueuedStudy(
             uid=arrival.uid,
@@ -559,9 +572,12 @@ class _Desk:
         "busy_s",
         "done_log",
         "free_since",
+        "hand_seq",
         "held",
         "in_hand",
+        "interruptions",
         "key",
+        "paused",
         "peak_held",
         "status",
         "valid_until",
@@ -574,6 +590,11 @@ class _Desk:
         self.status = ShiftStatus(False, False)
         self.valid_until = -math.inf
         self.in_hand: _Study | None = None
+        #: completion entry of the case in hand (an interrupted case's entry is void)
+        self.hand_seq = 0
+        #: cases set aside for a STAT, resumed last-in first
+        self.paused: list[_Study] = []
+        self.interruptions = 0
         #: studies assigned to them and not started (telerad, round robin)
         self.held: list[_Study] = []
         self.busy_s = 0.0
@@ -585,7 +606,8 @@ class _Desk:
         self.peak_held = 0
 
     def note_held(self) -> None:
-        self.peak_held = max(self.peak_held, len(self.held) + (self.in_hand is not None))
+        n = len(self.held) + len(self.paused) + (self.in_hand is not None)
+        self.peak_held = max(self.peak_held, n)
 
     def refresh(self, now: float) -> bool:
         """Update the shift status if a boundary was crossed; True when it changed."""
@@ -705,8 +727,45 @@ class _Sim:
             self.sticky[st.patient_key] = desk.key
         desk.in_hand = st
         desk.note_held()
+        self._hand(desk, now + self.read_s(desk, st))
+
+    def _hand(self, desk: _Desk, done_at: float) -> None:
         self._seq += 1
-        heapq.heappush(self.completions, (now + self.read_s(desk, st), self._seq, desk.key))
+        desk.hand_seq = self._seq
+        heapq.heappush(self.completions, (done_at, self._seq, desk.key))
+
+    def _done_at(self, desk: _Desk) -> float:
+        return next(t for t, seq, _ in self.completions if seq == desk.hand_seq)
+
+    def must_interrupt(self, desk: _Desk, st: _Study) -> bool:
+        """A reader sets the case in hand aside for a STAT when finishing it first would
+        finish the STAT within its escalation window (they know how far they are; the
+        STAT's length they can only expect)."""
+        expected = (
+            st.arrival.read_minutes * 60.0
+            if st.arrival.read_minutes is not None
+            else st.rvu / desk.base.rvu_per_hour * 3600.0
+        )
+        window = self.policy.escalate_s(Priority.STAT)
+        return self._done_at(desk) + expected > st.deadline - window
+
+    def interrupt(self, desk: _Desk, st: _Study, now: float) -> None:
+        """The reader sets the case in hand aside (it stays theirs) and starts the STAT."""
+        hand = desk.in_hand
+        assert hand is not None
+        hand.left_s = self._done_at(desk) - now + RESUME_S
+        hand.set_aside.append((now, math.inf))
+        desk.paused.append(hand)
+        desk.interruptions += 1
+        desk.in_hand = None
+        desk.hand_seq = 0  # its completion entry is void
+        self.start(desk, st, now)
+
+    def resume(self, desk: _Desk, now: float) -> None:
+        st = desk.paused.pop()
+        desk.in_hand = st
+        st.set_aside[-1] = (st.set_aside[-1][0], now)
+        self._hand(desk, now + st.left_s)
 
     def finish(self, desk: _Desk, now: float) -> None:
         st = desk.in_hand
@@ -717,7 +776,9 @@ class _Sim:
         st.finished = now
         st.state = StudyState.FINAL
         del self.open[st.arrival.uid]
-        self.readings.append(Reading(st.arrival.uid, desk.key, st.priority, st.started, now))
+        self.readings.append(
+            Reading(st.arrival.uid, desk.key, st.priority, st.started, now, tuple(st.set_aside))
+        )
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -733,8 +794,10 @@ class _Sim:
             self.account(prev, now)
             prev = now
             while self.completions and self.completions[0][0] <= now:
-                _, _, key = heapq.heappop(self.completions)
-                self.finish(self.by_key[key], now)
+                _, seq, key = heapq.heappop(self.completions)
+                desk = self.by_key[key]
+                if seq == desk.hand_seq:
+                    self.finish(desk, now)
             changed = [d for d in self.desks if d.refresh(now)]
             arrived = False
             while ai < n and self.studies[ai].arrival.at <= now:
@@ -802,18 +865,21 @@ class _Sim:
             rvu = [0.0, 0.0, 0.0]
             for st in d.held:
                 rvu[st.priority] += st.rvu
-            hand = d.in_hand
-            in_progress = (
-                remaining_rvu(hand.rvu, hand.started, now, d.base.rvu_per_hour)
-                if hand is not None
-                else 0.0
-            )
+            # what the hub knows of an opened case: when it was first opened
+            in_progress = in_progress_stat = 0.0
+            opened = [*d.paused] if d.in_hand is None else [d.in_hand, *d.paused]
+            for case in opened:
+                left = remaining_rvu(case.rvu, case.started, now, d.base.rvu_per_hour)
+                in_progress += left
+                if case.priority == Priority.STAT:
+                    in_progress_stat += left
             readers.append(
                 replace(
                     d.base,
                     open_rvu=(rvu[0], rvu[1], rvu[2]),
-                    open_count=len(d.held) + (hand is not None),
+                    open_count=len(d.held) + len(d.paused) + (d.in_hand is not None),
                     in_progress_rvu=in_progress,
+                    in_progress_stat_rvu=in_progress_stat,
                     recent_rvu=d.recent_rvu(now),
                 )
             )
@@ -858,9 +924,37 @@ class _Sim:
             self.sticky[st.patient_key] = desk.key
 
     def start_own(self, now: float, *, by_urgency: bool) -> None:
-        """Free readers start the next study of their own list that they may start now."""
+        """Free readers start the next study of their own list that they may start now.
+
+        With ``by_urgency`` (telerad's worklist) a STAT comes first: before a case they set
+        aside, and -- when the policy says readers interrupt for STAT -- before the case in
+        hand, which they set aside (``RESUME_S`` is what that costs it). Round robin's
+        readers work their list in arrival order and never interrupt."""
+        interrupts = by_urgency and self.policy.stat_interrupts
         for desk in self.desks:
-            if desk.in_hand is not None or not desk.held or not desk.working:
+            hand = desk.in_hand
+            if hand is not None and (not interrupts or hand.priority == Priority.STAT):
+                continue
+            if interrupts and desk.working:
+                stats = [
+                    st
+                    for st in desk.held
+                    if st.priority == Priority.STAT and self.may_start(desk, st)
+                ]
+                if stats:
+                    st = min(stats, key=lambda s: urgency_key(s.qs, now, self.policy))
+                    if hand is None:
+                        self.start(desk, st, now)
+                        continue
+                    if self.must_interrupt(desk, st):
+                        self.interrupt(desk, st, now)
+                        continue
+            if hand is not None:
+                continue
+            if desk.paused:
+                self.resume(desk, now)  # an opened case is finished, shift or not
+                continue
+            if not desk.held or not desk.working:
                 continue
             allowed = [st for st in desk.held if self.may_start(desk, st)]
             if not allowed:
@@ -949,6 +1043,7 @@ class _Sim:
             escalations=self.escalations,
             reassignments=self.reassignments,
             releases=self.releases,
+            interruptions=sum(d.interruptions for d in self.desks),
             ignored_decisions=self.ignored,
             ended_at=end,
             peak_held={d.key: d.peak_held for d in self.desks},
@@ -1131,7 +1226,7 @@ class Report:
         if t is not None:
             lines.append(
                 f"telerad engine: {t.escalations} escalations, {t.reassignments} reassignments,"
-                f" {t.releases} releases"
+                f" {t.releases} releases; readers set {t.interruptions} cases aside for a STAT"
             )
         if tgt:
             ok = {True: "ok", False: "MISSED"}

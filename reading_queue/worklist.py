@@ -1318,16 +1318,20 @@ def _pull_reader(spec: RadiologistSpec, held: Sequence[Any], now: float) -> Read
     if len(held) >= spec.max_concurrent:
         return None
     open_rvu = [0.0, 0.0, 0.0]
-    in_progress = 0.0
+    in_progress = in_progress_stat = 0.0
     for p, r, state, started in held:
         if state == S.IN_PROGRESS:
-            in_progress += remaining_rvu(float(r), started, now, spec.rvu_per_hour)
+            left = remaining_rvu(float(r), started, now, spec.rvu_per_hour)
+            in_progress += left
+            if int(p) == Priority.STAT:
+                in_progress_stat += left
         else:
             open_rvu[int(p)] += float(r)
     return spec.reader(
         open_count=len(held),
         open_rvu=(open_rvu[0], open_rvu[1], open_rvu[2]),
         in_progress_rvu=in_progress,
+        in_progress_stat_rvu=in_progress_stat,
         # no fairness term in a pull: the reader asked for work for themselves
     )
 
@@ -1400,6 +1404,7 @@ def _with_loads(
     counts: dict[str, int] = {}
     rvus: dict[str, list[float]] = {}
     in_progress: dict[str, float] = {}
+    in_progress_stat: dict[str, float] = {}
     for st in studies:
         who = st.assignee
         if st.state not in HELD or not who:
@@ -1408,6 +1413,8 @@ def _with_loads(
         if st.state == StudyState.IN_PROGRESS:
             left = remaining_rvu(st.rvu, st.started_at, now, rates.get(who, 8.0))
             in_progress[who] = in_progress.get(who, 0.0) + left
+            if st.priority == Priority.STAT:
+                in_progress_stat[who] = in_progress_stat.get(who, 0.0) + left
         else:
             rvus.setdefault(who, [0.0, 0.0, 0.0])[st.priority] += st.rvu
     out = []
@@ -1418,6 +1425,7 @@ def _with_loads(
                 open_count=counts.get(spec.key, 0),
                 open_rvu=(r[0], r[1], r[2]),
                 in_progress_rvu=in_progress.get(spec.key, 0.0),
+                in_progress_stat_rvu=in_progress_stat.get(spec.key, 0.0),
                 recent_rvu=recent.get(spec.key, 0.0),
             )
         )

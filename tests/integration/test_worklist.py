@@ -306,6 +306,44 @@ def test_at_risk_study_is_moved_to_a_free_reader(db_url: str) -> None:
     assert moved[0].detail["previous"] == "dr-busy"
 
 
+def test_stat_makes_room_on_the_quickest_reader_who_sets_their_case_aside(db_url: str) -> None:
+    wl = make_worklist(db_url)
+    wl.configure_station(station("tram"))
+    wl.configure_station(station("trauma", sla_minutes={"stat": 20}))
+    wl.upsert_radiologist(reader("dr-fast", rvu_per_hour=12.0, max_concurrent=2))
+    announce_studies(
+        wl.engine,
+        [
+            NewStudy("9.1", "tram", "CT", "ABDOMEN", Priority.ROUTINE),
+            NewStudy("9.2", "tram", "CR", "CHEST", Priority.ROUTINE),
+        ],
+        at=T0,
+    )
+    wl.consume_events(now=T0)
+    wl.run_round(now=T0)
+    assert {wl.study(u).assignee for u in ("9.1", "9.2")} == {"dr-fast"}
+    wl.open_study("9.1", "dr-fast", now=T0 + 60)  # 1.75 RVU: ~9 min in hand
+    wl.upsert_radiologist(reader("dr-slow", rvu_per_hour=6.0))
+    announce_studies(
+        wl.engine, [NewStudy("9.3", "trauma", "CT", "WHOLEBODY", Priority.STAT)], at=T0 + 120
+    )
+    wl.consume_events(now=T0 + 120)
+    wl.run_round(now=T0 + 120)
+    # dr-fast is full; after the CT in hand the trauma CT would be done in 20 min (deadline
+    # 20 min): they set the CT aside and read it in 12.5 min; dr-slow would need 25. The
+    # unopened chest X-ray moves to dr-slow to make room.
+    stat, cxr, ct = wl.study("9.3"), wl.study("9.2"), wl.study("9.1")
+    assert (stat.state, stat.assignee) == ("assigned", "dr-fast")
+    assert (cxr.state, cxr.assignee) == ("assigned", "dr-slow")
+    assert (ct.state, ct.assignee) == ("in_progress", "dr-fast")
+    moved = wl.history("9.2")[-1]
+    assert moved.kind == "reassigned" and moved.detail["previous"] == "dr-fast"
+    assert moved.detail["reasons"][0] == "moved: makes room on dr-fast for STAT 9.3"
+    why = wl.history("9.3")[-1].detail["reasons"]
+    assert why[1].startswith("chosen: earliest finish (12 min of work")
+    assert why[1].endswith("; they set the case in hand aside for it")
+
+
 def test_pull_mode_claims(db_url: str) -> None:
     wl = make_worklist(db_url)
     wl.configure_station(station("tram-hn"))

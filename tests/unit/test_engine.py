@@ -7,6 +7,7 @@ readers and studies around one fixed ``NOW`` and checks the decisions and their 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from datetime import UTC, datetime, time
 from zoneinfo import ZoneInfo
 
@@ -84,10 +85,13 @@ def with_load(r: Reader, studies: list[QueuedStudy], now: float = NOW) -> Reader
         if s.assignee == r.key and s.state in (StudyState.ASSIGNED, StudyState.IN_PROGRESS)
     ]
     rvu = [0.0, 0.0, 0.0]
-    in_progress = 0.0
+    in_progress = in_progress_stat = 0.0
     for s in mine:
         if s.state is StudyState.IN_PROGRESS:
-            in_progress += remaining_rvu(s.rvu, s.started_at, now, r.rvu_per_hour)
+            left = remaining_rvu(s.rvu, s.started_at, now, r.rvu_per_hour)
+            in_progress += left
+            if s.priority == STAT:
+                in_progress_stat += left
         else:
             rvu[s.priority] += s.rvu
     return Reader(
@@ -104,6 +108,7 @@ def with_load(r: Reader, studies: list[QueuedStudy], now: float = NOW) -> Reader
         open_rvu=(rvu[0], rvu[1], rvu[2]),
         open_count=len(mine),
         in_progress_rvu=in_progress,
+        in_progress_stat_rvu=in_progress_stat,
         recent_rvu=r.recent_rvu,
     )
 
@@ -161,7 +166,7 @@ def test_assignment_reasons_name_licence_modality_language_choice_and_slack() ->
     assert "reads CT-neuro" in eligible
     assert "reports in vi" in eligible
     assert "on shift" in eligible
-    assert chosen.startswith("chosen: least projected load")
+    assert chosen.startswith("chosen: earliest finish")
     assert "1 eligible with room" in chosen
     assert slack == "slack 12 min"
     assert d.lease_expires_at == NOW + POLICY.lease_s(STAT)
@@ -689,9 +694,13 @@ def test_assigned_stat_moves_to_a_free_reader_who_starts_it_sooner() -> None:
         held("opened", "a", state=StudyState.IN_PROGRESS, rvu=2.0),
         held("stat", "a", priority=STAT, deadline=NOW + 25 * MIN, rvu=2.0),
     ]
-    d = only(run(studies, [reader("a"), reader("b")]), DecisionKind.REASSIGN)
+    no_interrupts = QueuePolicy(stat_interrupts=False)
+    d = only(run(studies, [reader("a"), reader("b")], policy=no_interrupts), DecisionKind.REASSIGN)
     assert (d.study_uid, d.radiologist, d.previous) == ("stat", "b", "a")
     assert d.reasons[0] == "reassigned: b is free and would finish 15 min sooner than a"
+    # readers set a case aside for a STAT that would otherwise finish inside its escalation
+    # window (30 min > 25 - 10): a starts it now, as soon as b would -- it stays
+    assert run(studies, [reader("a"), reader("b")]).decisions == []
     # nothing ahead of it with a: it stays
     assert run(studies[1:], [reader("a"), reader("b")]).decisions == []
     # routine work moves too when it saves rebalance_minutes (10): b finishes 15 min sooner
@@ -1216,3 +1225,84 @@ def test_free_readers_share_routine_work_by_recent_utilisation() -> None:
     # without a fairness weight the earliest finish wins for routine work too
     policy = QueuePolicy(fairness_weight=0.0)
     assert assigned(run([study("new")], readers, policy=policy)) == {"new": "fast"}
+
+
+# -- STAT: setting a case aside, making room -----------------------------------------------
+
+
+def test_stat_goes_to_a_faster_reader_who_sets_the_case_in_hand_aside() -> None:
+    # fast has 3 RVU of routine CT open (15 min at 12/h); slow is free (25 min for the STAT)
+    opened = held("opened", "fast", state=StudyState.IN_PROGRESS, rvu=3.0, started_at=NOW)
+    stat = study("stat", priority=STAT, deadline=NOW + 20 * MIN, rvu=2.5)
+    readers = [reader("fast", rvu_per_hour=12.0), reader("slow", rvu_per_hour=6.0)]
+    d = only(run([opened, stat], readers), DecisionKind.ASSIGN)
+    # 12.5 min + the 2-min interruption penalty against 25 min
+    assert d.radiologist == "fast"
+    assert d.reasons[1].startswith("chosen: earliest finish (12 min of work")
+    assert "nobody free would finish it before the escalation window" in d.reasons[1]
+    assert d.reasons[1].endswith("; they set the case in hand aside for it")
+    # when readers do not interrupt, fast would be done in 27.5 min: slow is quicker
+    no_interrupts = QueuePolicy(stat_interrupts=False)
+    d = only(run([opened, stat], readers, policy=no_interrupts), DecisionKind.ASSIGN)
+    assert d.radiologist == "slow"
+    # an interruption must save more than its penalty: 12.5 + 15 > 25
+    costly = QueuePolicy(interrupt_penalty_minutes=15)
+    assert only(run([opened, stat], readers, policy=costly), DecisionKind.ASSIGN).radiologist == (
+        "slow"
+    )
+
+
+def test_no_interruption_when_waiting_leaves_the_stat_clear_of_its_window() -> None:
+    # 0.5 RVU left in hand: fast would finish the STAT 15 min from now, 45 min before its
+    # window opens -- they finish their case first, and a free reader on shift who would
+    # be done in time gets it before a busy one
+    opened = held("opened", "fast", state=StudyState.IN_PROGRESS, rvu=0.5, started_at=NOW)
+    stat = study("stat", priority=STAT, deadline=NOW + 70 * MIN, rvu=2.5)
+    fast = reader("fast", rvu_per_hour=12.0)
+    d = only(run([opened, stat], [fast]), DecisionKind.ASSIGN)
+    assert d.radiologist == "fast"
+    assert "aside" not in d.reasons[1]
+    d = only(run([opened, stat], [fast, reader("slow", rvu_per_hour=6.0)]), DecisionKind.ASSIGN)
+    assert d.radiologist == "slow"  # free, 25 min, clear of the window
+    # a STAT in hand is never set aside for another: the new one waits for it
+    first = replace(opened, uid="first", priority=STAT, rvu=3.0)
+    soon = replace(stat, deadline=NOW + 20 * MIN)
+    d = only(run([first, soon], [fast]), DecisionKind.ASSIGN)
+    assert d.reasons[1].startswith("chosen: earliest finish (28 min of work")
+    assert "aside" not in d.reasons[1]
+
+
+def test_a_full_reader_makes_room_for_a_stat_they_would_finish_first() -> None:
+    # fast is at capacity (2): a routine CT open and a chest X-ray not opened yet; slow has
+    # room and would take 25 min, inside the window of a 20-min deadline
+    opened = held("opened", "fast", state=StudyState.IN_PROGRESS, rvu=3.0, started_at=NOW)
+    waiting = held("cxr", "fast", rvu=0.22)
+    stat = study("stat", priority=STAT, deadline=NOW + 20 * MIN, rvu=2.5)
+    readers = [
+        reader("fast", rvu_per_hour=12.0, max_concurrent=2),
+        reader("slow", rvu_per_hour=6.0),
+    ]
+    p = run([opened, waiting, stat], readers)
+    assert kinds(p) == [("reassign", "cxr", "slow"), ("assign", "stat", "fast")]
+    move, give = p.decisions
+    assert move.previous == "fast"
+    assert move.reasons[0] == "moved: makes room on fast for STAT stat"
+    assert give.reasons[1].startswith("chosen: earliest finish (12 min of work")
+    assert "2 eligible, 1 of them full" in give.reasons[1]
+    # nobody else may take the X-ray: it goes back to the pool
+    only_fast = [readers[0], reader("slow", rvu_per_hour=6.0, modalities=frozenset({"CT"}))]
+    p = run([opened, replace(waiting, modality="CR"), stat], only_fast)
+    assert kinds(p) == [("release", "cxr", "fast"), ("assign", "stat", "fast")]
+    # the reader with room would be done clear of the window (70-min deadline): no move
+    relaxed = replace(stat, deadline=NOW + 70 * MIN)
+    assert kinds(run([opened, waiting, relaxed], readers)) == [("assign", "stat", "slow")]
+    # nothing unopened to move (the case in hand is never taken away): the STAT waits for
+    # nobody -- slow gets it
+    assert kinds(run([opened, stat], [replace(readers[0], max_concurrent=1), readers[1]])) == [
+        ("assign", "stat", "slow")
+    ]
+    # a STAT is never moved to make room for another
+    other = held("other-stat", "fast", priority=STAT, rvu=0.2, deadline=NOW + 25 * MIN)
+    p = run([opened, other, stat], readers)
+    assert ("reassign", "other-stat", "slow") not in kinds(p)
+    assert all(not d.reasons[0].startswith("moved: makes room") for d in p.decisions)

@@ -20,6 +20,7 @@ A deeper (slower) hunt: ``ENGINE_PROPERTY_EXAMPLES=3000 pytest <this file>``.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections import Counter
@@ -89,6 +90,7 @@ POLICIES = (
     QueuePolicy(),
     QueuePolicy(on_call_priorities=["stat"]),
     QueuePolicy(on_call_priorities=[], fairness_weight=0.0, preferred_bonus_minutes=60),
+    QueuePolicy(stat_interrupts=False, interrupt_penalty_minutes=0),
     QueuePolicy(
         sla_minutes={"stat": 60, "urgent": 180, "routine": 600},
         escalate_minutes={"stat": 30, "urgent": 120, "routine": 500},
@@ -295,10 +297,13 @@ def with_loads(readers: list[Reader], studies: list[QueuedStudy], now: float) ->
     for r in readers:
         mine = [s for s in studies if s.state in HELD and s.assignee == r.key]
         rvu = [0.0, 0.0, 0.0]
-        in_progress = 0.0
+        in_progress = in_progress_stat = 0.0
         for s in mine:
             if s.state is StudyState.IN_PROGRESS:
-                in_progress += remaining_rvu(s.rvu, s.started_at, now, r.rvu_per_hour)
+                left = remaining_rvu(s.rvu, s.started_at, now, r.rvu_per_hour)
+                in_progress += left
+                if s.priority == Priority.STAT:
+                    in_progress_stat += left
             else:
                 rvu[s.priority] += s.rvu
         out.append(
@@ -307,6 +312,7 @@ def with_loads(readers: list[Reader], studies: list[QueuedStudy], now: float) ->
                 open_rvu=(rvu[0], rvu[1], rvu[2]),
                 open_count=len(mine),
                 in_progress_rvu=in_progress,
+                in_progress_stat_rvu=in_progress_stat,
             )
         )
     return out
@@ -478,11 +484,32 @@ class Load:
     count: int
     rvu: list[float]  # not opened, per priority
     in_progress: float  # left on the opened ones
+    in_progress_stat: float  # the STAT part of it
+
+    @classmethod
+    def of(cls, r: Reader) -> Load:
+        return cls(r, r.open_count, list(r.open_rvu), r.in_progress_rvu, r.in_progress_stat_rvu)
 
     def minutes(self, priority: int, extra: float = 0.0) -> float:
-        """Minutes of work before they would finish a study of ``priority`` (+ ``extra`` RVU)."""
+        """Minutes of work before they would finish a study of ``priority`` (+ ``extra`` RVU)
+        when they finish what they have open first."""
         ahead = self.in_progress + sum(self.rvu[: priority + 1]) + extra
         return ahead / self.reader.rvu_per_hour * 60.0
+
+    def finish(self, s: QueuedStudy, now: float, policy: QueuePolicy, own: bool = False) -> float:
+        """Minutes until ``s`` would be done with them (``own``: it is in their list already).
+        With ``stat_interrupts`` a reader sets a non-STAT case aside for a STAT that would
+        otherwise be done inside its escalation window."""
+        full = self.minutes(s.priority, 0.0 if own else s.rvu)
+        other = self.in_progress - self.in_progress_stat
+        if (
+            policy.stat_interrupts
+            and s.priority == Priority.STAT
+            and other > 1e-9
+            and now + full * 60.0 > s.deadline - policy.escalate_s(Priority.STAT)
+        ):
+            return full - other / self.reader.rvu_per_hour * 60.0
+        return full
 
     def starts_in_time(self, priority: int, now: float) -> bool:
         """Would they get to a new study of ``priority`` before they stop working? (Only
@@ -493,14 +520,31 @@ class Load:
 
 
 Move = tuple[Decision, float, float, bool]
+MAKES_ROOM = "moved: makes room on "
 
 
-def replay(sc: Scenario, p: Plan) -> tuple[dict[str, Load], list[Move]]:
-    """Replay the decisions on the readers' loads: the loads after the plan, and for each
+@dataclass
+class RoomMade:
+    """An unopened study moved off a full reader so that a STAT could take its place."""
+
+    move: Decision  # RELEASE or REASSIGN of the moved study
+    stat: Decision  # the ASSIGN that follows it
+    #: minutes until the STAT is done with its new reader / with the best other reader who
+    #: had room for it (inf: nobody)
+    finish: float
+    best_with_room: float
+
+
+def replay(sc: Scenario, p: Plan) -> tuple[dict[str, Load], list[Move], list[RoomMade]]:
+    """Replay the decisions on the readers' loads: the loads after the plan, for each
     REASSIGN (decision, minutes the previous reader needs to finish it, minutes the new one
-    would need, whether the new one had nothing ahead of it)."""
+    would need, whether the new one had nothing ahead of it) -- except moves that make room
+    for a STAT, which come apart with what the STAT gained."""
     by_uid = {s.uid: s for s in sc.studies}
-    loads = {r.key: Load(r, r.open_count, list(r.open_rvu), r.in_progress_rvu) for r in sc.readers}
+    loads = {r.key: Load.of(r) for r in sc.readers}
+    made: list[RoomMade] = []
+    decisions = list(p.decisions)
+    lost_by = {d.study_uid: d.radiologist for d in decisions if d.kind is DecisionKind.RELEASE}
 
     def take(key: str | None, s: QueuedStudy) -> None:
         if key in loads:
@@ -509,6 +553,8 @@ def replay(sc: Scenario, p: Plan) -> tuple[dict[str, Load], list[Move]]:
             if s.state is StudyState.IN_PROGRESS:
                 left = remaining_rvu(s.rvu, s.started_at, sc.now, load.reader.rvu_per_hour)
                 load.in_progress = max(0.0, load.in_progress - left)
+                if s.priority == Priority.STAT:
+                    load.in_progress_stat = max(0.0, load.in_progress_stat - left)
             else:
                 load.rvu[s.priority] = max(0.0, load.rvu[s.priority] - s.rvu)
 
@@ -518,8 +564,25 @@ def replay(sc: Scenario, p: Plan) -> tuple[dict[str, Load], list[Move]]:
         loads[key].rvu[s.priority] += s.rvu
 
     moves = []
-    for d in p.decisions:
+    for i, d in enumerate(decisions):
         s = by_uid[d.study_uid]
+        if d.reasons[0].startswith(MAKES_ROOM):
+            full = d.radiologist if d.kind is DecisionKind.RELEASE else d.previous
+            assert i + 1 < len(decisions), d
+            nxt = decisions[i + 1]
+            assert nxt.kind is DecisionKind.ASSIGN and nxt.radiologist == full, (d, nxt)
+            stat = by_uid[nxt.study_uid]
+            others = [
+                ld.finish(stat, sc.now, sc.policy)
+                for key, ld in loads.items()
+                if key not in (full, lost_by.get(stat.uid))
+                and ld.count < ld.reader.max_concurrent
+                and ld.reader.active
+                and eligible(ld.reader, stat, sc.now, sc.policy)
+                and ld.starts_in_time(Priority.STAT, sc.now)
+            ]
+            finish = loads[full or ""].finish(stat, sc.now, sc.policy)
+            made.append(RoomMade(d, nxt, finish, min(others, default=math.inf)))
         if d.kind is DecisionKind.RELEASE:
             take(d.radiologist, s)
         elif d.kind is DecisionKind.ASSIGN:
@@ -528,11 +591,13 @@ def replay(sc: Scenario, p: Plan) -> tuple[dict[str, Load], list[Move]]:
             assert d.previous in loads and d.radiologist in loads, d
             new = loads[d.radiologist]
             assert new.count < new.reader.max_concurrent, d
-            before = loads[d.previous].minutes(s.priority)
-            moves.append((d, before, new.minutes(s.priority, s.rvu), new.minutes(s.priority) == 0))
+            before = loads[d.previous].finish(s, sc.now, sc.policy, own=True)
+            after = new.finish(s, sc.now, sc.policy)
+            if not d.reasons[0].startswith(MAKES_ROOM):
+                moves.append((d, before, after, new.minutes(s.priority) == 0))
             take(d.previous, s)
             give(d.radiologist, s)
-    return loads, moves
+    return loads, moves, made
 
 
 # -- properties of a push round -------------------------------------------------------------
@@ -576,7 +641,7 @@ def test_never_exceeds_capacity(sc: Scenario) -> None:
 def test_stat_with_an_eligible_free_reader_is_assigned_in_the_same_round(sc: Scenario) -> None:
     p = sc.run()
     out = apply(sc, p)
-    loads, _ = replay(sc, p)
+    loads, _, _ = replay(sc, p)
     for s in sc.studies:
         pool = s.state is StudyState.READY or s.uid in out.released_by
         if s.priority != Priority.STAT or not pool or s.uid in out.moved:
@@ -656,6 +721,7 @@ def test_decisions_are_well_formed(sc: Scenario) -> None:
                 or (
                     sc.policy.rebalance_minutes > 0 and " is free and would finish " in d.reasons[0]
                 )
+                or d.reasons[0].startswith(MAKES_ROOM)
             ), d
         else:
             assert not s.escalated and left <= sc.policy.escalate_s(s.priority), (d, s)
@@ -668,7 +734,8 @@ def test_decisions_are_well_formed(sc: Scenario) -> None:
     # a study is moved only when its reader would miss the deadline, or to a reader with
     # nothing ahead of it (STAT; other work when that saves rebalance_minutes) -- and only
     # to a faster reader
-    for d, before, after, idle in replay(sc, p)[1]:
+    _, moves, made = replay(sc, p)
+    for d, before, after, idle in moves:
         s = by_uid[d.study_uid]
         left_min = (s.deadline - sc.now) / 60.0
         at_risk = left_min * 60.0 <= sc.policy.escalate_s(s.priority)
@@ -676,6 +743,19 @@ def test_decisions_are_well_formed(sc: Scenario) -> None:
         late_binding = idle and (s.priority == Priority.STAT or saves)
         assert (at_risk and before > left_min - 1e-6) or late_binding, (d, before, left_min)
         assert after < before + 1e-6, (d, before, after)
+    # room is made on a full reader only for a ready STAT, by moving one of their unopened
+    # non-STAT studies, when nobody with room would finish it 2 min sooner -- and only if the
+    # best of those would finish it inside its escalation window
+    for rm in made:
+        moved, stat = by_uid[rm.move.study_uid], by_uid[rm.stat.study_uid]
+        full = rm.stat.radiologist
+        assert moved.state is StudyState.ASSIGNED and moved.assignee == full, rm
+        assert moved.priority != Priority.STAT, rm
+        pool = stat.state is StudyState.READY or stat.uid in released
+        assert stat.priority == Priority.STAT and pool, rm
+        assert rm.finish + 2.0 < rm.best_with_room + 1e-6, rm
+        window_min = sc.policy.escalate_s(Priority.STAT) / 60.0
+        assert rm.best_with_room > (stat.deadline - sc.now) / 60.0 - window_min - 1e-6, rm
 
 
 @SETTINGS
@@ -762,12 +842,13 @@ def test_at_risk_study_moves_when_a_faster_eligible_reader_has_room(sc: Scenario
     if "risk" in released:
         assert "risk" not in moved
         return
-    loads = {r.key: Load(r, r.open_count, list(r.open_rvu), r.in_progress_rvu) for r in sc.readers}
-    now_min = loads[risk.assignee or ""].minutes(risk.priority)  # until its reader finishes it
+    loads = {r.key: Load.of(r) for r in sc.readers}
+    # until its reader finishes it
+    now_min = loads[risk.assignee or ""].finish(risk, sc.now, sc.policy, own=True)
 
     def helps(load: Load) -> bool:
         r = load.reader
-        finish = load.minutes(risk.priority, risk.rvu)
+        finish = load.finish(risk, sc.now, sc.policy)
         return (
             r.open_count < r.max_concurrent
             and eligible(r, risk, sc.now, sc.policy)
@@ -777,7 +858,7 @@ def test_at_risk_study_moves_when_a_faster_eligible_reader_has_room(sc: Scenario
                 or r.open_count == 0
                 or finish <= sc.policy.max_backlog_minutes
             )
-            and finish < now_min
+            and finish < now_min - 1e-9
         )
 
     faster = {key for key, load in loads.items() if key != risk.assignee and helps(load)}
@@ -795,12 +876,12 @@ def test_at_risk_study_moves_when_a_faster_eligible_reader_has_room(sc: Scenario
         # late binding of other work: only to a free reader who saves rebalance_minutes
         to = moved["risk"].radiologist or ""
         assert to in free, (free, moved)
-        saved = now_min - loads[to].minutes(risk.priority, risk.rvu)
+        saved = now_min - loads[to].finish(risk, sc.now, sc.policy)
         assert saved > sc.policy.rebalance_minutes - 1e-6, (saved, moved)
     else:
         assert "risk" not in moved, (misses, faster)
     if risk.priority == Priority.STAT and any(
-        loads[key].minutes(risk.priority, risk.rvu) <= now_min - 5.0 for key in free
+        loads[key].finish(risk, sc.now, sc.policy) <= now_min - 5.0 for key in free
     ):
         assert "risk" in moved  # clearly sooner with a free reader: late binding
     if "risk" in moved:
@@ -811,11 +892,14 @@ def test_at_risk_study_moves_when_a_faster_eligible_reader_has_room(sc: Scenario
 @given(scenarios())
 def test_assignments_follow_urgency_order(sc: Scenario) -> None:
     """Studies are placed most urgent first; only a slot freed by a reassignment is offered
-    again afterwards to the studies passed over before it (a second chance)."""
+    again afterwards to the studies passed over before it (a second chance). A study moved
+    off a full reader to make room for a STAT is not a placement."""
     by_uid = {s.uid: s for s in sc.studies}
     keys = []
     freed: set[str | None] = set()
     for d in sc.run().decisions:
+        if d.reasons[0].startswith(MAKES_ROOM):
+            continue  # moved off a full reader for the STAT that follows it
         if d.kind is DecisionKind.REASSIGN:
             freed.add(d.previous)
         elif d.kind is DecisionKind.ASSIGN and d.radiologist in freed:
@@ -953,7 +1037,7 @@ def test_next_for_gives_only_eligible_studies_and_never_at_capacity(
 ) -> None:
     r = data.draw(st.sampled_from(sc.readers))
     d = next_for(sc.now, r.key, sc.studies, sc.readers, sc.policy)
-    load = Load(r, r.open_count, list(r.open_rvu), r.in_progress_rvu)
+    load = Load.of(r)
     full = r.open_count >= r.max_concurrent
     ready = [
         s for s in sc.studies if s.state is StudyState.READY and eligible(r, s, sc.now, sc.policy)

@@ -22,9 +22,11 @@ from reading_queue import QueueError
 from reading_queue.policy import QueuePolicy
 from reading_queue.roster import RadiologistSpec, Roster, load_roster, parse_clock, parse_days
 from reading_queue.simulate import (
+    RESUME_S,
     STRATEGIES,
     Arrival,
     ArrivalsError,
+    Reading,
     SimResult,
     SimulationError,
     compare,
@@ -186,9 +188,28 @@ def assert_valid(roster: Roster, arrivals: list[Arrival], result: SimResult) -> 
         on_call_ok = ("stat", "urgent", "routine")[a.priority] in POLICY.on_call_priorities
         assert regular or (on_call and on_call_ok), f"{who} off duty"
     for key in readers:
-        mine = sorted((r.started, r.finished) for r in result.readings if r.reader == key)
+        # the stretches each study was actually being read: a case set aside for a STAT is
+        # not read while it waits
+        mine = sorted(
+            part
+            for r in result.readings
+            if r.reader == key
+            for part in _worked(r.started, r.finished, r.set_aside)
+        )
         for (_, end), (start, _) in pairwise(mine):
             assert start >= end - 1e-6, f"{key} read two studies at once"
+
+
+def _worked(
+    start: float, end: float, aside: tuple[tuple[float, float], ...]
+) -> list[tuple[float, float]]:
+    out = []
+    for a, b in aside:
+        assert start <= a < b <= end
+        out.append((start, a))
+        start = b
+    out.append((start, end))
+    return out
 
 
 # ---------------------------------------------------------------------------- invariants
@@ -246,7 +267,8 @@ def test_reading_time_draw_is_the_same_in_every_strategy(
         for r in result.readings:
             a = arrivals[r.uid]
             _, rvu = POLICY.classify(a.modality, a.body_part)
-            hours = (r.finished - r.started) / 3600.0
+            worked = r.finished - r.started - sum(b - a + RESUME_S for a, b in r.set_aside)
+            hours = worked / 3600.0
             noise.setdefault(r.uid, set()).add(round(hours * rates[r.reader] / rvu, 6))
     assert noise
     assert all(len(v) == 1 for v in noise.values())
@@ -298,6 +320,55 @@ def test_telerad_reads_stat_first_fifo_in_arrival_order() -> None:
     assert order["telerad"].index("stat") == 1  # right after the study in hand
     assert order["fifo_pull"][-1] == "stat"
     assert order["round_robin"][-1] == "stat"
+
+
+def test_a_stat_interrupts_the_case_in_hand_only_when_waiting_would_risk_it() -> None:
+    roster = Roster.model_validate(
+        {
+            "radiologists": [
+                {
+                    "key": "solo",
+                    "modalities": ["CT"],
+                    "licences": ["VN"],
+                    "shifts": [{"days": "daily", "start": "00:00", "end": "24:00"}],
+                }
+            ],
+            "stations": [{"name": "s", "jurisdiction": "VN-HN"}],
+        }
+    )
+    t0 = MONDAY_6AM.timestamp()
+
+    def day(routine_minutes: float) -> list[Arrival]:
+        return [
+            Arrival(t0, "s", "CT", "CHEST", 2, read_minutes=routine_minutes, uid="routine"),
+            Arrival(t0 + 60, "s", "CT", "ABDOMEN", 0, read_minutes=10, uid="stat"),
+        ]
+
+    def readings(arrivals: list[Arrival], policy: QueuePolicy) -> dict[str, Reading]:
+        result = simulate(roster, arrivals, policy=policy, strategy="telerad", seed=1)
+        assert_valid(roster, arrivals, result)
+        return {r.uid: r for r in result.readings}
+
+    # 20 min of routine CT in hand: the STAT would be done 30 min after t0, inside its
+    # escalation window (deadline t0 + 31 min, window 10): set aside at once
+    r = readings(day(20), POLICY)
+    assert r["stat"].started == pytest.approx(t0 + 60)
+    assert r["stat"].finished == pytest.approx(t0 + 660)
+    assert r["routine"].set_aside == (pytest.approx((t0 + 60, t0 + 660)),)
+    # the routine CT: 19 min left when set aside, finished after the STAT + RESUME_S
+    assert r["routine"].finished == pytest.approx(t0 + 660 + 19 * 60 + RESUME_S)
+    # the same with interruptions off: the STAT waits for the case in hand
+    r = readings(day(20), QueuePolicy(stat_interrupts=False))
+    assert r["stat"].started == pytest.approx(t0 + 20 * 60)
+    assert r["routine"].set_aside == ()
+    # 5 min in hand: waiting leaves the STAT well clear of its window -- no interruption
+    r = readings(day(5), POLICY)
+    assert r["stat"].started == pytest.approx(t0 + 5 * 60)
+    assert r["routine"].set_aside == ()
+    # FIFO and round robin never interrupt
+    for strategy in ("fifo_pull", "round_robin"):
+        result = simulate(roster, day(20), policy=POLICY, strategy=strategy, seed=1)
+        assert all(reading.set_aside == () for reading in result.readings)
 
 
 def test_unreadable_studies_are_unread_and_breached() -> None:
