@@ -15,6 +15,12 @@ urgency), plus a fairness term for recent work, minus a bonus for the station's 
 readers. A patient's new study goes to the reader of their open/recent study ("sticky") when
 that reader is eligible and would still meet the deadline.
 
+STAT. A reader sets a non-STAT case aside for a STAT when finishing it first would take the
+STAT into its escalation window (policy ``stat_interrupts``), and the projection says so. A
+STAT goes to a free reader who would be done before that window, else to whoever would be
+done first; when that reader is at capacity, their least urgent unopened study moves to
+make room ("moved: makes room on ...").
+
 Leases. An assignment lapses at ``lease_expires_at`` unless renewed; an assigned study that
 was not opened goes back to the pool when its reader's shift ends, they are deactivated or
 their capacity drops. A study close to its deadline is escalated once and moved to a free
