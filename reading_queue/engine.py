@@ -173,6 +173,8 @@ class Decision:
     reasons: tuple[str, ...] = ()
     #: for assign/reassign: when the new lease lapses
     lease_expires_at: float | None = None
+    #: for assign/reassign of a STAT: the reader is expected to set the case in hand aside
+    sets_aside: bool = False
 
 
 @dataclass
@@ -929,6 +931,7 @@ def _make_room(
         )
     else:
         out.decisions.append(Decision(DecisionKind.RELEASE, moving.uid, key, reasons=(reason,)))
+    aside = best.interrupted_by(st)
     best.add(st)
     out.decisions.append(
         Decision(
@@ -937,6 +940,7 @@ def _make_room(
             key,
             reasons=(_eligible_reason(best, st), why, _slack(st, now)),
             lease_expires_at=now + policy.lease_s(st.priority),
+            sets_aside=aside,
         )
     )
     return moving.uid
@@ -953,6 +957,7 @@ def _assign(
     if not candidates:
         return False
     best, why = _choose(st, candidates, now, policy, sticky)
+    aside = best.interrupted_by(st)
     best.add(st)
     out.decisions.append(
         Decision(
@@ -961,6 +966,7 @@ def _assign(
             best.reader.key,
             reasons=(_eligible_reason(best, st), why, _slack(st, now)),
             lease_expires_at=now + policy.lease_s(st.priority),
+            sets_aside=aside,
         )
     )
     return True
@@ -1016,6 +1022,7 @@ def _reassign(
             f"{_fmt_minutes(finish_now - finish(best))} sooner than {st.assignee}"
         )
     current.remove(st)
+    aside = best.interrupted_by(st)
     best.add(st)
     out.decisions.append(
         Decision(
@@ -1025,6 +1032,7 @@ def _reassign(
             previous=st.assignee,
             reasons=(reason, _eligible_reason(best, st), why, _slack(st, now)),
             lease_expires_at=now + policy.lease_s(st.priority),
+            sets_aside=aside,
         )
     )
     return True

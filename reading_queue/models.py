@@ -236,7 +236,8 @@ class WorklistEvent(Base):
 
 
 class WebhookDelivery(Base):
-    """Outbox of webhook posts (escalations): written with the event, delivered until 2xx."""
+    """Outbox of webhook posts (escalations, STAT assignments): written with the event,
+    delivered until 2xx."""
 
     __tablename__ = "webhook_deliveries"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -149,12 +149,17 @@ class Worklist:
         policy: QueuePolicy | None = None,
         *,
         webhook_urls: Sequence[str] = (),
+        stat_webhook_urls: Sequence[str] = (),
         header_reader: HeaderReader | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.engine = engine
         self.policy = policy or QueuePolicy()
+        #: escalations go here
         self.webhook_urls = list(webhook_urls)
+        #: every STAT handed to a reader (by a round or an admin) goes here: a pager or the
+        #: viewer, so that the reader knows now -- and sets their case aside when told to
+        self.stat_webhook_urls = list(stat_webhook_urls)
         self.header_reader = header_reader
         self.clock = clock
         self.session: sessionmaker[Session] = sessionmaker(engine, expire_on_commit=False)
@@ -622,6 +627,10 @@ class Worklist:
             self._assign_many(
                 s.connection(), kinds[DecisionKind.ASSIGN], now, mode="push", actor="engine"
             )
+            for d in (*kinds[DecisionKind.REASSIGN], *kinds[DecisionKind.ASSIGN]):
+                st = by_uid[d.study_uid]
+                if st.priority == Priority.STAT and d.radiologist:
+                    self._notify_stat(s, st, d.radiologist, d.sets_aside, list(d.reasons), now)
             out.assigned = len(kinds[DecisionKind.ASSIGN])
             out.reassigned = len(kinds[DecisionKind.REASSIGN])
             out.released = len(kinds[DecisionKind.RELEASE])
@@ -820,6 +829,41 @@ class Worklist:
         for url in self.webhook_urls:
             s.add(WebhookDelivery(event_id=event_id, url=url, payload=payload, next_attempt_at=now))
         logger.warning("study %s %s", st.uid, "; ".join(d.reasons))
+
+    def _notify_stat(
+        self,
+        s: Session,
+        st: QueuedStudy,
+        radiologist: str,
+        sets_aside: bool,
+        reasons: list[str],
+        now: float,
+    ) -> None:
+        """Queue a ``study.stat_assigned`` webhook for the assignment event just written (a
+        reader who claims a STAT needs no telling)."""
+        if not self.stat_webhook_urls:
+            return
+        event_id = s.scalar(
+            select(func.max(WorklistEvent.id)).where(
+                WorklistEvent.study_uid == st.uid,
+                WorklistEvent.kind.in_(("assigned", "reassigned")),
+            )
+        )
+        payload = {
+            "event": "study.stat_assigned",
+            "event_id": event_id,
+            "study_uid": st.uid,
+            "station": st.station,
+            "modality": st.modality,
+            "priority": Priority(st.priority).label,
+            "deadline": st.deadline,
+            "minutes_left": round((st.deadline - now) / 60.0, 1),
+            "radiologist": radiologist,
+            "set_aside": sets_aside,
+            "reasons": reasons,
+        }
+        for url in self.stat_webhook_urls:
+            s.add(WebhookDelivery(event_id=event_id, url=url, payload=payload, next_attempt_at=now))
 
     def claim_next(self, radiologist: str, now: float | None = None) -> Decision | None:
         """Pull mode: give ``radiologist`` the most urgent study they may read, if any.
@@ -1052,6 +1096,8 @@ class Worklist:
             if previous:
                 self._close_assignment(s, uid, "reassigned", now)
             self._open_assignment(s, uid, radiologist, "manual", reasons, now)
+            if st.priority == Priority.STAT:
+                self._notify_stat(s, queued, radiologist, False, reasons, now)
 
     def set_priority(
         self, uid: str, priority: Priority, *, actor: str, now: float | None = None
@@ -1167,7 +1213,8 @@ class Worklist:
     def deliver_webhooks(
         self, now: float | None = None, *, client: httpx.Client | None = None
     ) -> int:
-        """Post due escalation webhooks; failures back off (10 s doubling, at most 1 h)."""
+        """Post due webhooks (escalations, STAT assignments); failures back off (10 s
+        doubling, at most 1 h)."""
         now = self.clock() if now is None else now
         with self.read() as s:
             due = list(

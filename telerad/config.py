@@ -189,6 +189,9 @@ class HubSettings(ListenerSettings):
     queue_interval_s: float = 15.0
     #: URLs that receive escalations as JSON POSTs (retried until they answer 2xx).
     escalation_webhooks: list[str] = Field(default_factory=list)
+    #: URLs that receive every STAT handed to a reader by a round or an admin (a pager, the
+    #: viewer): JSON POSTs, retried until they answer 2xx.
+    stat_webhooks: list[str] = Field(default_factory=list)
     #: Roster (radiologists and stations) loaded at start when set: YAML or TOML.
     roster_file: Path | None = None
     #: SLAs, leases, escalation, RVU table: the ``[hub.queue]`` table.

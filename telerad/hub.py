@@ -57,6 +57,7 @@ def open_worklist(settings: HubSettings, ingest: IngestService) -> Worklist:
         ingest.engine,
         settings.queue_policy,
         webhook_urls=settings.escalation_webhooks,
+        stat_webhook_urls=settings.stat_webhooks,
         header_reader=header,
     )
     if settings.roster_file is not None and not worklist.has_roster():

@@ -280,6 +280,56 @@ def test_escalation_event_and_webhook_with_retry(db_url: str, webhook: str) -> N
     assert kinds(wl, "7.1").count("escalated") == 1
 
 
+def test_every_stat_handed_to_a_reader_is_posted(db_url: str, webhook: str) -> None:
+    _Hook.fail_first = False
+    wl = make_worklist(db_url, stat_webhook_urls=[webhook])
+    wl.configure_station(station("tram"))
+    wl.configure_station(station("trauma", sla_minutes={"stat": 20}))
+    wl.upsert_radiologist(reader("dr-fast", rvu_per_hour=12.0, max_concurrent=2))
+    announce_studies(
+        wl.engine,
+        [
+            NewStudy("10.1", "tram", "CT", "ABDOMEN", Priority.ROUTINE),
+            NewStudy("10.2", "tram", "CR", "CHEST", Priority.URGENT),
+        ],
+        at=T0,
+    )
+    wl.consume_events(now=T0)
+    wl.run_round(now=T0)
+    assert wl.deliver_webhooks(now=T0) == 0  # nothing STAT so far
+    wl.open_study("10.1", "dr-fast", now=T0 + 60)
+    wl.upsert_radiologist(reader("dr-slow", rvu_per_hour=6.0))
+    announce_studies(
+        wl.engine, [NewStudy("10.3", "trauma", "CT", "WHOLEBODY", Priority.STAT)], at=T0 + 120
+    )
+    wl.consume_events(now=T0 + 120)
+    wl.run_round(now=T0 + 120)
+    assert wl.deliver_webhooks(now=T0 + 120) == 1
+    (paged,) = _Hook.received
+    event_id = max(e.id for e in wl.history("10.3") if e.kind == "assigned")
+    assert paged == {
+        "event": "study.stat_assigned",
+        "event_id": event_id,
+        "study_uid": "10.3",
+        "station": "trauma",
+        "modality": "CT",
+        "priority": "stat",
+        "deadline": pytest.approx(T0 + 120 + 20 * 60),
+        "minutes_left": 20.0,
+        "radiologist": "dr-fast",
+        "set_aside": True,
+        "reasons": wl.history("10.3")[-1].detail["reasons"],
+    }
+    # an admin handing it over is posted too (set_aside unknown: false); a claim is not
+    wl.reassign("10.3", "dr-slow", actor="admin-an", now=T0 + 180)
+    assert wl.deliver_webhooks(now=T0 + 180) == 1
+    assert _Hook.received[-1]["radiologist"] == "dr-slow"
+    assert _Hook.received[-1]["set_aside"] is False
+    assert _Hook.received[-1]["reasons"] == ["manual by admin-an"]
+    assert "PatientName" not in json.dumps(_Hook.received)
+    assert wl.deliver_webhooks(now=T0 + 3600) == 0  # each delivered once
+
+
 def test_at_risk_study_is_moved_to_a_free_reader(db_url: str) -> None:
     wl = make_worklist(db_url, policy=QueuePolicy(max_backlog_minutes=120))
     wl.configure_station(station("tram"))
