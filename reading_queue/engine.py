@@ -445,13 +445,16 @@ class _Load:
     def _plan_for(self, study: QueuedStudy, own: bool) -> tuple[float, bool]:
         """RVU they work until ``study`` is done (``own``: it is already in their list), and
         whether they set the case in hand aside for it: a STAT that would otherwise finish
-        inside its escalation window, when readers interrupt for STAT."""
+        inside its escalation window, when readers interrupt for STAT. A reader on a STAT
+        already has their other cases aside: a new STAT comes after the STAT work only."""
         finish = self.ahead_of(study.priority) + (0.0 if own else study.rvu)
         if not self.interrupts or study.priority != Priority.STAT:
             return finish, False
         other = self.in_progress - self.in_progress_stat
         if other <= 1e-9:
             return finish, False
+        if self.in_progress_stat > 1e-9:
+            return finish - other, False
         if self.now + finish / self.reader.rvu_per_hour * 3600.0 <= study.deadline - self.window:
             return finish, False
         return finish - other, True
@@ -468,12 +471,17 @@ class _Load:
         """Minutes of work before they would open ``study``."""
         return self.finish_minutes(study) - study.rvu / self.reader.rvu_per_hour * 60.0
 
+    def in_time(self, study: QueuedStudy, policy: QueuePolicy) -> bool:
+        """Would they open ``study`` before they stop taking studies like it? (Otherwise it
+        would only bounce back.)"""
+        ends = self._ends(study, policy)
+        return ends is None or self.now + self.start_minutes(study) * 60.0 < ends
+
     def has_room(self, study: QueuedStudy, policy: QueuePolicy) -> bool:
         if self.count >= self.reader.max_concurrent:
             return False
-        ends = self._ends(study, policy)
-        if ends is not None and self.now + self.start_minutes(study) * 60.0 >= ends:
-            return False  # they would leave before starting it: it would only bounce back
+        if not self.in_time(study, policy):
+            return False
         if study.priority == Priority.STAT or self.count == 0:
             return True
         return self.finish_minutes(study) <= policy.max_backlog_minutes
@@ -832,19 +840,28 @@ def plan(
             and ld.has_room(st, policy)
         ]
         if st.priority == Priority.STAT and st.state == StudyState.READY:
-            full = [
-                ld
+            stat_key = urgency(st)
+            # what may move for it: unopened, less urgent than it and not at risk itself
+            for_it = {
+                ld.reader.key: [
+                    m
+                    for m in movable.get(ld.reader.key, ())
+                    if urgency(m) > stat_key and m.deadline - now > policy.escalate_s(m.priority)
+                ]
                 for ld in eligibility.readers_for(st)
                 if ld.reader.key != avoid.get(st.uid)
                 and ld.count >= ld.reader.max_concurrent
-                and movable.get(ld.reader.key)
-            ]
+                and ld.in_time(st, policy)
+            }
+            full = [loads[k] for k, ms in sorted(for_it.items()) if ms]
             if full:
-                moved = _make_room(
-                    st, candidates, full, movable, eligibility, now, policy, sticky, out
+                made = _make_room(
+                    st, candidates, full, for_it, movable, eligibility, now, policy, sticky, out
                 )
-                if moved is not None:
+                if made is not None:
+                    moved, took_slot = made
                     room_made.add(moved)
+                    free -= took_slot
                     continue
         if st.state == StudyState.ASSIGNED:
             if _reassign(st, candidates, loads, now, policy, sticky, out):
@@ -878,18 +895,21 @@ def _make_room(
     st: QueuedStudy,
     candidates: list[_Load],
     full: list[_Load],
+    for_it: Mapping[str, list[QueuedStudy]],
     movable: dict[str, list[QueuedStudy]],
     eligibility: _Eligibility,
     now: float,
     policy: QueuePolicy,
     sticky: Mapping[str, str],
     out: Plan,
-) -> str | None:
-    """A STAT whose best reader is at capacity with unopened work: that reader's least
-    urgent unopened study moves to another reader (or back to the pool) and the STAT takes
-    its place -- when that reader would finish the STAT ``STAT_MOVE_MARGIN_S`` before anyone
-    with room, and the best of those would finish it inside its escalation window. Returns
-    the uid of the study moved; None: nothing done (the caller assigns as usual)."""
+) -> tuple[str, int] | None:
+    """A STAT whose best reader is at capacity: the least urgent of their unopened studies
+    that may move for it (``for_it``: less urgent than the STAT, not at risk) goes to another
+    reader with room (or back to the pool) and the STAT takes its place -- when nobody has
+    room for the STAT, or when that reader would finish it ``STAT_MOVE_MARGIN_S`` before
+    anyone with room and the best of those would only finish it inside its escalation
+    window. Returns the uid moved and the slots it took elsewhere (1 or 0); None: nothing
+    done (the caller assigns as usual)."""
     best, why = _choose(st, [*candidates, *full], now, policy, sticky)
     if not any(best is ld for ld in full):
         return None
@@ -897,17 +917,20 @@ def _make_room(
     if candidates:
         # minutes until the STAT is done: with them (an interruption counts its penalty), and
         # with the quickest reader who has room
-        mine = best.finish_minutes(st)
-        if best.interrupted_by(st):
-            mine += policy.interrupt_penalty_minutes
-        quickest = min(c.finish_minutes(st) for c in candidates)
-        if mine + STAT_MOVE_MARGIN_S / 60.0 >= quickest:
+        def finish(c: _Load) -> float:
+            penalty = policy.interrupt_penalty_minutes if c.interrupted_by(st) else 0.0
+            return c.finish_minutes(st) + penalty
+
+        quickest = min(candidates, key=lambda c: (finish(c), c.reader.key))
+        if finish(best) + STAT_MOVE_MARGIN_S / 60.0 >= finish(quickest):
             return None
-        if now + quickest * 60.0 <= st.deadline - policy.escalate_s(Priority.STAT):
+        if now + quickest.finish_minutes(st) * 60.0 <= st.deadline - policy.escalate_s(
+            Priority.STAT
+        ):
             return None  # no need
     urgency = _key_function(now, policy)
     key = best.reader.key
-    moving = max(movable[key], key=urgency)
+    moving = max(for_it[key], key=urgency)
     movable[key].remove(moving)
     best.remove(moving)
     reason = f"moved: makes room on {key} for STAT {st.uid}"
@@ -916,7 +939,9 @@ def _make_room(
         for ld in eligibility.readers_for(moving)
         if ld is not best and ld.has_room(moving, policy)
     ]
+    took_slot = 0
     if takers:
+        took_slot = 1
         to, to_why = _choose(moving, takers, now, policy, sticky)
         to.add(moving)
         out.decisions.append(
@@ -943,7 +968,7 @@ def _make_room(
             sets_aside=aside,
         )
     )
-    return moving.uid
+    return moving.uid, took_slot
 
 
 def _assign(
@@ -1013,8 +1038,6 @@ def _reassign(
         if not idle:
             return False
         best, why = _choose(st, idle, now, policy, sticky)
-        if best.interrupted_by(st):
-            margin += policy.interrupt_penalty_minutes * 60.0
         if finish(best) + margin >= finish_now:
             return False
         reason = (

@@ -136,6 +136,7 @@ def _end_reason(decision: Decision) -> str:
         ("deactivated", "deactivated"),
         ("capacity", "capacity"),
         ("unknown", "unknown_reader"),
+        ("makes room", "room_for_stat"),
     ):
         if marker in why:
             return reason

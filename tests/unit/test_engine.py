@@ -1306,3 +1306,45 @@ def test_a_full_reader_makes_room_for_a_stat_they_would_finish_first() -> None:
     p = run([opened, other, stat], readers)
     assert ("reassign", "other-stat", "slow") not in kinds(p)
     assert all(not d.reasons[0].startswith("moved: makes room") for d in p.decisions)
+
+
+def test_room_is_made_only_in_time_and_only_by_moving_less_urgent_work() -> None:
+    opened = held("opened", "fast", state=StudyState.IN_PROGRESS, rvu=3.0, started_at=NOW)
+    stat = study("stat", priority=STAT, deadline=NOW + 30 * MIN, rvu=2.5)
+    fast = reader("fast", rvu_per_hour=12.0, max_concurrent=2)
+    cr_only_full = reader("cr", modalities=frozenset({"CR"}), max_concurrent=1)
+    cr_work = held("cr-work", "cr", modality="CR", rvu=0.22)
+    # nobody has room: a routine X-ray with hours to go makes room for the STAT
+    waiting = held("cxr", "fast", modality="CR", rvu=0.22)
+    p = run([opened, waiting, cr_work, stat], [fast, cr_only_full])
+    assert kinds(p) == [("release", "cxr", "fast"), ("assign", "stat", "fast")]
+    # after the 15 min in hand it would be done at 27.5 min, inside the window (20): aside
+    assert p.decisions[1].sets_aside is True
+    # an URGENT X-ray aged into the STAT class with less slack than the STAT is not moved
+    # for it (the reader would read it first anyway), nor anything about to breach
+    urgent = replace(waiting, priority=URGENT, deadline=NOW + 20 * MIN, escalated=True)
+    assert kinds(run([opened, urgent, cr_work, stat], [fast, cr_only_full])) == []
+    at_risk = replace(waiting, deadline=NOW + 200 * MIN, escalated=True)  # 240 min: at risk
+    assert kinds(run([opened, at_risk, cr_work, stat], [fast, cr_only_full])) == []
+    # a full reader whose shift ends before they could open the STAT gets nothing moved
+    ends_soon = replace(
+        fast, shifts=(Shift(2, time(6, 0), time(10, 5)),)
+    )  # Wednesday until 10:05; 15 min of work in hand, 2 min with the case set aside
+    slow = reader("slow", rvu_per_hour=1.0)
+    late_stat = replace(stat, deadline=NOW + 65 * MIN, rvu=1.0)  # slow: 60 min, in the window
+    held_stat = held("first", "fast", priority=STAT, state=StudyState.IN_PROGRESS, rvu=2.0)
+    p = run([held_stat, waiting, late_stat], [ends_soon, slow])
+    assert ("release", "cxr", "fast") not in kinds(p)
+    assert assigned(p).get("stat") == "slow"
+
+
+def test_a_reader_on_a_stat_does_not_set_anything_aside_for_the_next() -> None:
+    # on a STAT (1 RVU left), a routine case already aside (2 RVU): a new STAT comes after the
+    # STAT work only, and nothing new is set aside
+    on_stat = held("on-stat", "a", priority=STAT, state=StudyState.IN_PROGRESS, rvu=1.0)
+    aside = held("aside", "a", state=StudyState.IN_PROGRESS, rvu=2.0)
+    stat = study("stat", priority=STAT, deadline=NOW + 20 * MIN, rvu=1.0)
+    d = only(run([on_stat, aside, stat], [reader("a", rvu_per_hour=12.0)]), DecisionKind.ASSIGN)
+    assert d.sets_aside is False
+    assert "aside" not in d.reasons[1]
+    assert d.reasons[1].startswith("chosen: earliest finish (10 min of work")

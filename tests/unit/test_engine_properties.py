@@ -499,17 +499,33 @@ class Load:
     def finish(self, s: QueuedStudy, now: float, policy: QueuePolicy, own: bool = False) -> float:
         """Minutes until ``s`` would be done with them (``own``: it is in their list already).
         With ``stat_interrupts`` a reader sets a non-STAT case aside for a STAT that would
-        otherwise be done inside its escalation window."""
+        otherwise be done inside its escalation window; a reader on a STAT has their other
+        cases aside already."""
         full = self.minutes(s.priority, 0.0 if own else s.rvu)
         other = self.in_progress - self.in_progress_stat
         if (
             policy.stat_interrupts
             and s.priority == Priority.STAT
             and other > 1e-9
-            and now + full * 60.0 > s.deadline - policy.escalate_s(Priority.STAT)
+            and (
+                self.in_progress_stat > 1e-9
+                or now + full * 60.0 > s.deadline - policy.escalate_s(Priority.STAT)
+            )
         ):
             return full - other / self.reader.rvu_per_hour * 60.0
         return full
+
+    def sets_aside(self, s: QueuedStudy, now: float, policy: QueuePolicy) -> bool:
+        """Whether they would put a non-STAT case in hand aside for ``s``."""
+        return (
+            self.in_progress_stat <= 1e-9
+            and self.finish(s, now, policy) < self.minutes(s.priority, s.rvu) - 1e-9
+        )
+
+    def cost(self, s: QueuedStudy, now: float, policy: QueuePolicy) -> float:
+        """``finish`` plus the interruption penalty when they would set a case aside."""
+        penalty = policy.interrupt_penalty_minutes if self.sets_aside(s, now, policy) else 0.0
+        return self.finish(s, now, policy) + penalty
 
     def starts_in_time(self, priority: int, now: float) -> bool:
         """Would they get to a new study of ``priority`` before they stop working? (Only
@@ -530,9 +546,11 @@ class RoomMade:
     move: Decision  # RELEASE or REASSIGN of the moved study
     stat: Decision  # the ASSIGN that follows it
     #: minutes until the STAT is done with its new reader / with the best other reader who
-    #: had room for it (inf: nobody)
+    #: had room for it (inf: nobody) -- an interruption counting its penalty
     finish: float
     best_with_room: float
+    #: minutes until the STAT would be done with that best other reader, without the penalty
+    best_plain: float
 
 
 def replay(sc: Scenario, p: Plan) -> tuple[dict[str, Load], list[Move], list[RoomMade]]:
@@ -573,7 +591,7 @@ def replay(sc: Scenario, p: Plan) -> tuple[dict[str, Load], list[Move], list[Roo
             assert nxt.kind is DecisionKind.ASSIGN and nxt.radiologist == full, (d, nxt)
             stat = by_uid[nxt.study_uid]
             others = [
-                ld.finish(stat, sc.now, sc.policy)
+                (ld.cost(stat, sc.now, sc.policy), ld.finish(stat, sc.now, sc.policy))
                 for key, ld in loads.items()
                 if key not in (full, lost_by.get(stat.uid))
                 and ld.count < ld.reader.max_concurrent
@@ -581,8 +599,9 @@ def replay(sc: Scenario, p: Plan) -> tuple[dict[str, Load], list[Move], list[Roo
                 and eligible(ld.reader, stat, sc.now, sc.policy)
                 and ld.starts_in_time(Priority.STAT, sc.now)
             ]
-            finish = loads[full or ""].finish(stat, sc.now, sc.policy)
-            made.append(RoomMade(d, nxt, finish, min(others, default=math.inf)))
+            finish = loads[full or ""].cost(stat, sc.now, sc.policy)
+            best, plain = min(others, default=(math.inf, math.inf))
+            made.append(RoomMade(d, nxt, finish, best, plain))
         if d.kind is DecisionKind.RELEASE:
             take(d.radiologist, s)
         elif d.kind is DecisionKind.ASSIGN:
@@ -744,18 +763,21 @@ def test_decisions_are_well_formed(sc: Scenario) -> None:
         assert (at_risk and before > left_min - 1e-6) or late_binding, (d, before, left_min)
         assert after < before + 1e-6, (d, before, after)
     # room is made on a full reader only for a ready STAT, by moving one of their unopened
-    # non-STAT studies, when nobody with room would finish it 2 min sooner -- and only if the
-    # best of those would finish it inside its escalation window
+    # non-STAT studies that is less urgent than the STAT and not at risk itself, when nobody
+    # with room would finish it 2 min sooner -- and only if the best of those would finish
+    # it inside its escalation window
     for rm in made:
         moved, stat = by_uid[rm.move.study_uid], by_uid[rm.stat.study_uid]
         full = rm.stat.radiologist
         assert moved.state is StudyState.ASSIGNED and moved.assignee == full, rm
         assert moved.priority != Priority.STAT, rm
+        assert urgency_key(moved, sc.now, sc.policy) > urgency_key(stat, sc.now, sc.policy), rm
+        assert moved.deadline - sc.now > sc.policy.escalate_s(moved.priority), rm
         pool = stat.state is StudyState.READY or stat.uid in released
         assert stat.priority == Priority.STAT and pool, rm
         assert rm.finish + 2.0 < rm.best_with_room + 1e-6, rm
         window_min = sc.policy.escalate_s(Priority.STAT) / 60.0
-        assert rm.best_with_room > (stat.deadline - sc.now) / 60.0 - window_min - 1e-6, rm
+        assert rm.best_plain > (stat.deadline - sc.now) / 60.0 - window_min - 1e-6, rm
 
 
 @SETTINGS
