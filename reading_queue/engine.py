@@ -422,6 +422,8 @@ class _Load:
     #: STAT escalation time)
     interrupts: bool = False
     window: float = 0.0
+    #: per priority: does an on-call reader take it (the policy's answer, looked up once)
+    on_call_takes: tuple[bool, ...] = (True, True, False)
     _utilisation: float | None = None
 
     @property
@@ -503,7 +505,7 @@ class _Load:
     def _ends(self, study: QueuedStudy, policy: QueuePolicy) -> float | None:
         """When they stop taking a study like this one: on-call hours count for the
         priorities on-call readers take."""
-        if policy.on_call_takes(study.priority):
+        if self.on_call_takes[study.priority]:
             return self.status.duty_ends_at
         return self.status.ends_at
 
@@ -524,6 +526,7 @@ def _clean(value: float) -> float:
 
 
 def _loads(readers: Iterable[Reader], now: float, policy: QueuePolicy) -> dict[str, _Load]:
+    on_call = tuple(policy.on_call_takes(p) for p in Priority)
     return {
         r.key: _Load(
             r,
@@ -535,6 +538,7 @@ def _loads(readers: Iterable[Reader], now: float, policy: QueuePolicy) -> dict[s
             r.in_progress_stat_rvu,
             policy.stat_interrupts,
             policy.escalate_s(Priority.STAT),
+            on_call,
         )
         for r in readers
     }
@@ -839,21 +843,26 @@ def plan(
             and ld.reader.key != st.assignee
             and ld.has_room(st, policy)
         ]
-        if st.priority == Priority.STAT and st.state == StudyState.READY:
+        if st.priority == Priority.STAT and st.state == StudyState.READY and any(movable.values()):
             stat_key = urgency(st)
-            # what may move for it: unopened, less urgent than it and not at risk itself
-            for_it = {
-                ld.reader.key: [
+            # full readers and what may move off them for it: unopened, less urgent than it
+            # and not at risk itself
+            for_it: dict[str, list[QueuedStudy]] = {}
+            full = []
+            for ld in eligibility.readers_for(st):  # sorted by key
+                theirs = movable.get(ld.reader.key)
+                if not theirs or ld.count < ld.reader.max_concurrent:
+                    continue
+                if ld.reader.key == avoid.get(st.uid) or not ld.in_time(st, policy):
+                    continue
+                ms = [
                     m
-                    for m in movable.get(ld.reader.key, ())
+                    for m in theirs
                     if urgency(m) > stat_key and m.deadline - now > policy.escalate_s(m.priority)
                 ]
-                for ld in eligibility.readers_for(st)
-                if ld.reader.key != avoid.get(st.uid)
-                and ld.count >= ld.reader.max_concurrent
-                and ld.in_time(st, policy)
-            }
-            full = [loads[k] for k, ms in sorted(for_it.items()) if ms]
+                if ms:
+                    for_it[ld.reader.key] = ms
+                    full.append(ld)
             if full:
                 made = _make_room(
                     st, candidates, full, for_it, movable, eligibility, now, policy, sticky, out
