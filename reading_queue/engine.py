@@ -965,18 +965,7 @@ def _make_room(
         )
     else:
         out.decisions.append(Decision(DecisionKind.RELEASE, moving.uid, key, reasons=(reason,)))
-    aside = best.interrupted_by(st)
-    best.add(st)
-    out.decisions.append(
-        Decision(
-            DecisionKind.ASSIGN,
-            st.uid,
-            key,
-            reasons=(_eligible_reason(best, st), why, _slack(st, now)),
-            lease_expires_at=now + policy.lease_s(st.priority),
-            sets_aside=aside,
-        )
-    )
+    _give(best, st, why, now, policy, out)
     return moving.uid, took_slot
 
 
@@ -991,7 +980,15 @@ def _assign(
     if not candidates:
         return False
     best, why = _choose(st, candidates, now, policy, sticky)
-    aside = best.interrupted_by(st)
+    _give(best, st, why, now, policy, out)
+    return True
+
+
+def _give(
+    best: _Load, st: QueuedStudy, why: str, now: float, policy: QueuePolicy, out: Plan
+) -> None:
+    """Assign ready ``st`` to ``best`` (chosen for ``why``)."""
+    aside = best.interrupted_by(st)  # before it is added to their list
     best.add(st)
     out.decisions.append(
         Decision(
@@ -1003,7 +1000,6 @@ def _assign(
             sets_aside=aside,
         )
     )
-    return True
 
 
 def _reassign(

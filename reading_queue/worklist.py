@@ -815,20 +815,9 @@ class Worklist:
         event_id = self._event(
             s, st.uid, "escalated", st.state, st.state, d.radiologist or "", "engine", detail, now
         )
-        payload = {
-            "event": "study.escalated",
-            "event_id": event_id,
-            "study_uid": st.uid,
-            "station": st.station,
-            "modality": st.modality,
-            "priority": Priority(st.priority).label,
-            "deadline": st.deadline,
-            "minutes_left": round((st.deadline - now) / 60.0, 1),
-            "radiologist": d.radiologist,
-            "reasons": list(d.reasons),
-        }
-        for url in self.webhook_urls:
-            s.add(WebhookDelivery(event_id=event_id, url=url, payload=payload, next_attempt_at=now))
+        self._queue_webhooks(
+            s, self.webhook_urls, "study.escalated", event_id, st, d.radiologist, d.reasons, now
+        )
         logger.warning("study %s %s", st.uid, "; ".join(d.reasons))
 
     def _notify_stat(
@@ -850,8 +839,33 @@ class Worklist:
                 WorklistEvent.kind.in_(("assigned", "reassigned")),
             )
         )
+        self._queue_webhooks(
+            s,
+            self.stat_webhook_urls,
+            "study.stat_assigned",
+            event_id,
+            st,
+            radiologist,
+            reasons,
+            now,
+            set_aside=sets_aside,
+        )
+
+    def _queue_webhooks(
+        self,
+        s: Session,
+        urls: Sequence[str],
+        event: str,
+        event_id: int | None,
+        st: QueuedStudy,
+        radiologist: str | None,
+        reasons: Sequence[str],
+        now: float,
+        **extra: Any,
+    ) -> None:
+        """One outbox row per URL for ``event`` about ``st`` (no patient data)."""
         payload = {
-            "event": "study.stat_assigned",
+            "event": event,
             "event_id": event_id,
             "study_uid": st.uid,
             "station": st.station,
@@ -860,10 +874,10 @@ class Worklist:
             "deadline": st.deadline,
             "minutes_left": round((st.deadline - now) / 60.0, 1),
             "radiologist": radiologist,
-            "set_aside": sets_aside,
-            "reasons": reasons,
+            **extra,
+            "reasons": list(reasons),
         }
-        for url in self.stat_webhook_urls:
+        for url in urls:
             s.add(WebhookDelivery(event_id=event_id, url=url, payload=payload, next_attempt_at=now))
 
     def claim_next(self, radiologist: str, now: float | None = None) -> Decision | None:

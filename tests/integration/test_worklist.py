@@ -280,29 +280,37 @@ def test_escalation_event_and_webhook_with_retry(db_url: str, webhook: str) -> N
     assert kinds(wl, "7.1").count("escalated") == 1
 
 
-def test_every_stat_handed_to_a_reader_is_posted(db_url: str, webhook: str) -> None:
-    _Hook.fail_first = False
-    wl = make_worklist(db_url, stat_webhook_urls=[webhook])
+def trauma_stat_for_a_full_reader(wl: Worklist, prefix: str, xray: Priority) -> None:
+    """dr-fast (12 RVU/h, 2 at once) holds ``{prefix}.1``, a routine CT abdomen opened at
+    T0 + 60 (~9 min in hand), and ``{prefix}.2``, a chest X-ray of priority ``xray`` not
+    opened; dr-slow (6 RVU/h) has just come on; ``{prefix}.3``, a whole-body trauma CT from
+    a 20-min STAT contract, arrives at T0 + 120 and waits for the next round."""
     wl.configure_station(station("tram"))
     wl.configure_station(station("trauma", sla_minutes={"stat": 20}))
     wl.upsert_radiologist(reader("dr-fast", rvu_per_hour=12.0, max_concurrent=2))
     announce_studies(
         wl.engine,
         [
-            NewStudy("10.1", "tram", "CT", "ABDOMEN", Priority.ROUTINE),
-            NewStudy("10.2", "tram", "CR", "CHEST", Priority.URGENT),
+            NewStudy(f"{prefix}.1", "tram", "CT", "ABDOMEN", Priority.ROUTINE),
+            NewStudy(f"{prefix}.2", "tram", "CR", "CHEST", xray),
         ],
         at=T0,
     )
     wl.consume_events(now=T0)
     wl.run_round(now=T0)
-    assert wl.deliver_webhooks(now=T0) == 0  # nothing STAT so far
-    wl.open_study("10.1", "dr-fast", now=T0 + 60)
+    assert {wl.study(f"{prefix}.{i}").assignee for i in (1, 2)} == {"dr-fast"}
+    wl.open_study(f"{prefix}.1", "dr-fast", now=T0 + 60)
     wl.upsert_radiologist(reader("dr-slow", rvu_per_hour=6.0))
-    announce_studies(
-        wl.engine, [NewStudy("10.3", "trauma", "CT", "WHOLEBODY", Priority.STAT)], at=T0 + 120
-    )
+    stat = NewStudy(f"{prefix}.3", "trauma", "CT", "WHOLEBODY", Priority.STAT)
+    announce_studies(wl.engine, [stat], at=T0 + 120)
     wl.consume_events(now=T0 + 120)
+
+
+def test_every_stat_handed_to_a_reader_is_posted(db_url: str, webhook: str) -> None:
+    _Hook.fail_first = False
+    wl = make_worklist(db_url, stat_webhook_urls=[webhook])
+    trauma_stat_for_a_full_reader(wl, "10", Priority.URGENT)
+    assert wl.deliver_webhooks(now=T0 + 120) == 0  # nothing STAT so far
     wl.run_round(now=T0 + 120)
     assert wl.deliver_webhooks(now=T0 + 120) == 1
     (paged,) = _Hook.received
@@ -358,26 +366,7 @@ def test_at_risk_study_is_moved_to_a_free_reader(db_url: str) -> None:
 
 def test_stat_makes_room_on_the_quickest_reader_who_sets_their_case_aside(db_url: str) -> None:
     wl = make_worklist(db_url)
-    wl.configure_station(station("tram"))
-    wl.configure_station(station("trauma", sla_minutes={"stat": 20}))
-    wl.upsert_radiologist(reader("dr-fast", rvu_per_hour=12.0, max_concurrent=2))
-    announce_studies(
-        wl.engine,
-        [
-            NewStudy("9.1", "tram", "CT", "ABDOMEN", Priority.ROUTINE),
-            NewStudy("9.2", "tram", "CR", "CHEST", Priority.ROUTINE),
-        ],
-        at=T0,
-    )
-    wl.consume_events(now=T0)
-    wl.run_round(now=T0)
-    assert {wl.study(u).assignee for u in ("9.1", "9.2")} == {"dr-fast"}
-    wl.open_study("9.1", "dr-fast", now=T0 + 60)  # 1.75 RVU: ~9 min in hand
-    wl.upsert_radiologist(reader("dr-slow", rvu_per_hour=6.0))
-    announce_studies(
-        wl.engine, [NewStudy("9.3", "trauma", "CT", "WHOLEBODY", Priority.STAT)], at=T0 + 120
-    )
-    wl.consume_events(now=T0 + 120)
+    trauma_stat_for_a_full_reader(wl, "9", Priority.ROUTINE)
     wl.run_round(now=T0 + 120)
     # dr-fast is full; after the CT in hand the trauma CT would be done in 20 min (deadline
     # 20 min): they set the CT aside and read it in 12.5 min; dr-slow would need 25. The
