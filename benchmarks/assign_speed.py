@@ -39,8 +39,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from reading_queue.models import make_engine
-from reading_queue.policy import QueuePolicy
-from reading_queue.worklist import Worklist
+from reading_queue.worklist.policy import QueuePolicy
+from reading_queue.worklist.service import Worklist
 from tests.support.peers import PostgresCluster, postgres_bin_dir
 from tests.support.worklist_data import NewStudy, announce_studies, reader, synthetic_load
 

@@ -178,21 +178,31 @@ _SHA = "sha256"
 _HEADER = "header parse (pydicom dcmread)"
 _REST = "store: checks, records, rest"
 _PHASES: list[tuple[str, str, str, bool]] = [
-    ("dicom_gateway.scp:Listener", "handle_store", "handle_store: file meta, metrics", False),
+    (
+        "dicom_gateway.durable.scp:Listener",
+        "handle_store",
+        "handle_store: file meta, metrics",
+        False,
+    ),
     ("pynetdicom.events:Event", "encoded_dataset", "pynetdicom encoded_dataset()", False),
-    ("dicom_gateway.scp", "write_file_meta_info", "pydicom write_file_meta_info", False),
-    ("dicom_gateway.scp:Listener", "store", _REST, False),
-    ("dicom_gateway.scp:Listener", "store_parts", _REST, False),
-    ("dicom_gateway.spool:Spool", "free_bytes", "disk reserve check (statvfs)", False),
-    ("dicom_gateway.scp", "_parse_header", _HEADER, False),
-    ("dicom_gateway.scp", "dcmread", _HEADER, False),
-    ("dicom_gateway.scp", "dataset_sha256", _SHA, False),
-    ("dicom_gateway.state:StateDB", "get_instance", "SQLite get_instance", False),
-    ("dicom_gateway.spool:Spool", "store", "spool.store: paths, rest", False),
-    ("telerad.fileio", "ensure_dir", "ensure_dir (study folder)", True),
-    ("telerad.fileio", "fsync_dir", "fsync(directory)", True),
-    ("dicom_gateway.scp", "evaluate_priority", "priority rules", False),
-    ("dicom_gateway.state:StateDB", "record_instance", "SQLite record_instance+COMMIT", False),
+    ("dicom_gateway.durable.scp", "write_file_meta_info", "pydicom write_file_meta_info", False),
+    ("dicom_gateway.durable.scp:Listener", "store", _REST, False),
+    ("dicom_gateway.durable.scp:Listener", "store_parts", _REST, False),
+    ("dicom_gateway.durable.spool:Spool", "free_bytes", "disk reserve check (statvfs)", False),
+    ("dicom_gateway.durable.scp", "_parse_header", _HEADER, False),
+    ("dicom_gateway.durable.scp", "dcmread", _HEADER, False),
+    ("dicom_gateway.durable.scp", "dataset_sha256", _SHA, False),
+    ("dicom_gateway.durable.state:StateDB", "get_instance", "SQLite get_instance", False),
+    ("dicom_gateway.durable.spool:Spool", "store", "spool.store: paths, rest", False),
+    ("telerad.core.fileio", "ensure_dir", "ensure_dir (study folder)", True),
+    ("telerad.core.fileio", "fsync_dir", "fsync(directory)", True),
+    ("dicom_gateway.durable.scp", "evaluate_priority", "priority rules", False),
+    (
+        "dicom_gateway.durable.state:StateDB",
+        "record_instance",
+        "SQLite record_instance+COMMIT",
+        False,
+    ),
 ]
 
 
@@ -219,13 +229,13 @@ def _instrumented(timer: _PhaseTimer) -> Iterator[list[str]]:
                 skipped.append(f"{spec}.{attr}")
                 continue
             patch(owner, attr, timer.wrap(label, getattr(owner, attr), absorbing=absorbing))
-        scp = importlib.import_module("dicom_gateway.scp")
+        scp = importlib.import_module("dicom_gateway.durable.scp")
         if hasattr(scp, "hashlib"):
             real_sha = scp.hashlib.sha256
             update = timer.wrap(_SHA, lambda h, data: h.update(data))
             make = timer.wrap(_SHA, lambda *a, **k: _TimedHash(real_sha(*a, **k), update))
             patch(scp, "hashlib", _Proxy(scp.hashlib, {"sha256": make}))
-        fileio = importlib.import_module("telerad.fileio")
+        fileio = importlib.import_module("telerad.core.fileio")
         if hasattr(fileio, "os"):
             real = fileio.os
             write = "write() into page cache"
@@ -254,10 +264,10 @@ def _breakdown(
     files: list[Path], profile: StorescuProfile, root: Path, rounds: int, run_id: str
 ) -> dict[str, Any]:
     """Where the gateway's time goes: in-process Listener with phase timers, and the floor."""
-    from dicom_gateway.scp import Listener
-    from dicom_gateway.spool import Spool
-    from dicom_gateway.state import StateDB
-    from telerad.config import GatewaySettings
+    from dicom_gateway.durable.scp import Listener
+    from dicom_gateway.durable.spool import Spool
+    from dicom_gateway.durable.state import StateDB
+    from dicom_gateway.station.settings import GatewaySettings
 
     data_dir = root / "breakdown"
     settings = GatewaySettings(
@@ -378,7 +388,7 @@ _BORING = ("threading.py", "socketserver.py")
 
 
 def _frame_name(frame: str) -> str | None:
-    """``handle_store (dicom_gateway/scp.py:231)`` -> ``handle_store (scp.py)``; None for
+    """``handle_store (dicom_gateway/durable/scp.py:231)`` -> ``handle_store (scp.py)``; None for
     py-spy's process/thread pseudo-frames and thread start-up boilerplate."""
     func, sep, where = frame.partition(" (")
     if not sep or func in ("process", "thread") or func.startswith("process "):

@@ -5,7 +5,7 @@ Questions, each answered against a peer measured in the same run:
 1. **Wire ratio**: bytes that reach the hub ÷ raw DICOM bytes, for the sample CT and the CR,
    measured on a real TCP connection (a :class:`FaultProxy` without limits between gateway
    and hub counts every byte: HTTP, manifest, bundles, commit), next to the pure codec ratio
-   (``telerad.wire.write_bundle``) and pydicom's JPEG-LS lossless files. Target: CT ≤ 0.45.
+   (``telerad.core.wire.write_bundle``) and pydicom's JPEG-LS lossless files. Target: CT ≤ 0.45.
 2. **Time over a bad link** (2 Mbit/s, 150 ms one way = 300 ms RTT): from the first C-STORE
    into the gateway (``storescu`` is started) to the last instance held at the hub, compared
    to the ideal = JPEG-LS lossless bytes of the study ÷ link rate (target ≤ 1.1x). Commit is
@@ -54,7 +54,7 @@ from pydicom import dcmread
 from pydicom.uid import JPEGLSLossless
 
 from sample_studies.generate import DEFAULT_SEED, generate_samples, make_cr, restamp
-from telerad.wire import BundleEntry, write_bundle
+from telerad.core.wire import BundleEntry, write_bundle
 from tests.support.faultproxy import FaultProxy
 from tests.support.peers import StoreSCP, dcmtk_available, storescu
 from tests.support.telerad_procs import GatewayProcess, HubProcess
@@ -730,7 +730,9 @@ def render(results: dict[str, Any]) -> str:
             "  on the wire: every byte the proxy delivered to the hub (HTTP, manifest, bundles,"
             " commit);"
         )
-        lines.append("  codec: telerad.wire.write_bundle; JPEG-LS files: pydicom JPEGLSLossless.")
+        lines.append(
+            "  codec: telerad.core.wire.write_bundle; JPEG-LS files: pydicom JPEGLSLossless."
+        )
     if "badlink" in results:
         b = results["badlink"]
         ideal = b["ideal_s"]

@@ -5,7 +5,7 @@ SLAs better than what sites do today? A simulated Monday (2026-11-23, Asia/Ho_Ch
 150 stations in Vietnam and Cambodia, Poisson arrivals with a morning peak, 70 % CR / 30 %
 CT, 10 % STAT, 15 % URGENT, and the 12 radiologists of deploy/roster.example.yaml in shifts
 with their licence, subspecialty and language limits. The three strategies get the same
-arrivals and the same reading-time draw per study (see reading_queue/simulate.py).
+arrivals and the same reading-time draw per study (see reading_queue/simulator.py).
 
 Rows compared (lower is better): STAT and URGENT turnaround p50/p95, SLA breaches per class,
 the longest ROUTINE wait and the workload Gini. Targets for telerad: zero STAT breaches at
@@ -35,9 +35,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from reading_queue import QueueError
-from reading_queue.policy import QueuePolicy
-from reading_queue.roster import Roster, load_roster
-from reading_queue.simulate import (
+from reading_queue.simulator import (
     PEAK_TZ,
     STUDIES_PER_STATION,
     Arrival,
@@ -46,6 +44,8 @@ from reading_queue.simulate import (
     load_arrivals,
     synthetic_day,
 )
+from reading_queue.worklist.policy import QueuePolicy
+from reading_queue.worklist.roster import Roster, load_roster
 
 _REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROSTER = _REPO / "deploy" / "roster.example.yaml"

@@ -6,6 +6,7 @@ identity lives in ``studies`` only, for matching priors and stickiness; it is ne
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from sqlalchemy import (
@@ -51,6 +52,21 @@ class Station(Base):
     pacs: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
 
 
+class DicomSource(Base):
+    """A caller allowed on the hub's own DICOM port (a hospital PACS, a modality sending
+    straight to the hub), and the station its studies belong to: that station's jurisdiction,
+    language and SLA apply. Unknown callers are rejected at association."""
+
+    __tablename__ = "dicom_sources"
+    __table_args__ = (UniqueConstraint("aet", "host"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    aet: Mapped[str] = mapped_column(String(16))
+    #: the caller's address; empty: any address
+    host: Mapped[str] = mapped_column(String(255), default="", server_default="")
+    station: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
 class Upload(Base):
     """A tus upload of one bundle; ``offset`` counts bytes durable in ``path``."""
 
@@ -83,6 +99,9 @@ class HubStudy(Base):
     first_received: Mapped[float] = mapped_column(Float)
     committed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     commit_count: Mapped[int] = mapped_column(Integer, default=0)
+    #: Instances the sender could not forward for good, as it said at commit (0: whole).
+    missing_instances: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    missing_reason: Mapped[str] = mapped_column(String(500), default="", server_default="")
 
 
 class HubInstance(Base):
@@ -182,6 +201,8 @@ class Study(Base):
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     #: set when a follow-up commit added instances after the study was handed out
     late_instances: Mapped[int] = mapped_column(Integer, default=0)
+    #: Instances the station could not deliver: the study is read knowing it is incomplete.
+    missing_instances: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     merged_into: Mapped[str | None] = mapped_column(String(64), nullable=True)
     #: patient identity (PHI): for priors and stickiness, never logged
     patient_id: Mapped[str] = mapped_column(String(64), default="")
@@ -279,3 +300,8 @@ def make_engine(url: str) -> Engine:
 
     upgrade_database(engine)
     return engine
+
+
+def hash_token(token: str) -> str:
+    """Station tokens are stored as their SHA-256; the token itself is shown once."""
+    return hashlib.sha256(token.encode()).hexdigest()

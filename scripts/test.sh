@@ -3,7 +3,7 @@
 # the test extras in .venv), then run ruff, mypy and the whole pytest suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-APT_PACKAGES=(dcmtk orthanc orthanc-dicomweb postgresql python3-venv openssl)
+APT_PACKAGES=(dcmtk orthanc orthanc-dicomweb postgresql python3-venv openssl fuse3)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

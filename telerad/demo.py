@@ -18,11 +18,13 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from dicom_gateway.scu import send_paths
-from dicom_gateway.service import Gateway
+from dicom_gateway.station.scu import send_paths
+from dicom_gateway.station.service import Gateway
+from dicom_gateway.station.settings import GatewaySettings
 from reading_queue import QueueError
-from reading_queue.roster import RadiologistSpec, Roster, ShiftSpec, StationSpec
-from telerad.config import GatewaySettings, HubSettings, Priority
+from reading_queue.settings import HubSettings
+from reading_queue.worklist.roster import RadiologistSpec, Roster, ShiftSpec, StationSpec
+from telerad.core.priority import Priority
 from telerad.hub import Hub
 
 #: Around the clock, so the demo assigns whatever the time of day.
@@ -120,7 +122,7 @@ def run_demo(data_dir: Path, *, ct_slices: int, serve: bool, console: Console) -
     )
     gw.start()
     console.print(
-        f"hub on {hub_url} (DICOM {hub.listener.port}); gateway DEMO_GW on DICOM port "
+        f"hub on {hub_url} (DICOM {hub.inbox.listener.port}); gateway DEMO_GW on DICOM port "
         f"{gw.listener.port}, health http://127.0.0.1:{gw.http_port}/healthz"
     )
     started = time.monotonic()

@@ -1,32 +1,21 @@
-"""The hub's HTTP application: ``create_app(settings)``; nothing is created at import time."""
+"""The hub's HTTP application: ``create_app(ingest)``; nothing is created at import time.
+
+One router per resource under ``viewer_api/routes/``: ``ingest`` (the stations' upload
+protocol) and ``health`` (health and metrics).
+"""
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi import FastAPI
 
-from reading_queue.archive import ArchiveError
-from reading_queue.ingest import IngestService
+from reading_queue.intake.service import IngestService
 from telerad import __version__
-from viewer_api.routes import ingest as ingest_routes
+from viewer_api.routes import health, ingest
 
 
-def create_app(ingest: IngestService) -> FastAPI:
+def create_app(ingest_service: IngestService) -> FastAPI:
     app = FastAPI(title="telerad hub", version=__version__)
-    app.state.ingest = ingest
-    app.include_router(ingest_routes.router)
-
-    @app.get("/healthz")
-    def healthz(response: Response) -> dict[str, str]:
-        try:
-            ingest.archive.check()
-        except ArchiveError as exc:
-            response.status_code = 503
-            return {"status": "degraded", "archive": str(exc)}
-        return {"status": "ok", "archive": ingest.archive.name}
-
-    @app.get("/metrics")
-    def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
+    app.state.ingest = ingest_service
+    app.include_router(ingest.router)
+    app.include_router(health.router)
     return app

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 
-from reading_queue.ingest import IngestService
+from reading_queue.intake.service import IngestService
 
 
 def get_ingest(request: Request) -> IngestService:

@@ -39,26 +39,20 @@ from pydicom.uid import (
     JPEGLSLossless,
 )
 
-from dicom_gateway.forward.dicom import MAX_ATTEMPTS
-from dicom_gateway.service import gateway_status
-from dicom_gateway.state import COMMITTED, FAILED, PENDING
+from dicom_gateway.durable.state import COMMITTED, FAILED, PENDING
+from dicom_gateway.station.dicom_send import MAX_ATTEMPTS
+from dicom_gateway.station.service import gateway_status
+from dicom_gateway.station.settings import DicomDestination
 from sample_studies.generate import committed_samples, make_ct_series, restamp
-from telerad.config import DicomDestination
 from tests.support import peers
 from tests.support.peers import (
     OrthancServer,
     StoreSCP,
-    dcmtk_available,
     free_port,
-    orthanc_available,
     storescu,
     wait_for_port,
 )
 from tests.support.telerad_procs import InProcessGateway, wait_until
-
-pytestmark = pytest.mark.skipif(not dcmtk_available(), reason="DCMTK (storescp/storescu) missing")
-
-needs_orthanc = pytest.mark.skipif(not orthanc_available(), reason="Orthanc binary not installed")
 
 #: pydicom test files, one per transfer syntax family (their SOP Instance UIDs are distinct).
 PYDICOM_FILES = [
@@ -303,7 +297,8 @@ def pushed(tmp_path: Path) -> Iterator[tuple[Path, dict[str, Sent]]]:
 # ------------------------------------------------------------------------------- tests
 
 
-@needs_orthanc
+@pytest.mark.needs_dcmtk
+@pytest.mark.needs_orthanc
 def test_forward_to_orthanc_and_storescp_keeps_syntax_and_pixels(
     tmp_path: Path, pushed: tuple[Path, dict[str, Sent]]
 ) -> None:
@@ -357,6 +352,7 @@ def test_forward_to_orthanc_and_storescp_keeps_syntax_and_pixels(
             _assert_same_instance(s, in_orthanc[uid], "Orthanc")
 
 
+@pytest.mark.needs_dcmtk
 def test_peer_down_at_first_gets_everything_exactly_once(
     tmp_path: Path, pushed: tuple[Path, dict[str, Sent]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -410,6 +406,7 @@ def _picky_workload(root: Path) -> tuple[list[Path], Path, Path, list[Path]]:
     return ct, jls, plain, [cr_copy, mr]
 
 
+@pytest.mark.needs_dcmtk
 def test_refusals_retry_only_failed_instances(tmp_path: Path) -> None:
     """0xA700 (out of resources) is retried until the peer recovers, with back-off and
     without re-sending what was accepted; 0xB000 is a warning and counts as stored; 0xC000
@@ -493,6 +490,7 @@ def test_refusals_retry_only_failed_instances(tmp_path: Path) -> None:
     assert {lk["destination"]: lk["state"] for lk in status["links"]} == {"picky": "up"}
 
 
+@pytest.mark.needs_dcmtk
 def test_an_instance_refused_for_good_does_not_block_later_studies(tmp_path: Path) -> None:
     first = make_ct_series(tmp_path / "push" / "a", 2, seed=11, matrix=32)
     later = make_ct_series(tmp_path / "push" / "b", 2, seed=12, matrix=32)
@@ -537,6 +535,7 @@ def _flat(text: str) -> str:
     return re.sub(r"\s+", " ", text)
 
 
+@pytest.mark.needs_dcmtk
 def test_gateway_send_folder_into_storescp(
     tmp_path: Path, pushed: tuple[Path, dict[str, Sent]]
 ) -> None:
@@ -583,6 +582,7 @@ def test_gateway_send_to_a_peer_that_takes_only_some(tmp_path: Path) -> None:
     assert len(stores) == 2
 
 
+@pytest.mark.needs_dcmtk
 def test_gateway_send_refused_or_unreachable_peer(
     tmp_path: Path, pushed: tuple[Path, dict[str, Sent]]
 ) -> None:

@@ -16,10 +16,8 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from sample_studies.generate import generate_samples
-from tests.support.peers import StoreSCP, dcmtk_available, storescu
+from tests.support.peers import StoreSCP, storescu
 from tests.support.telerad_procs import InProcessGateway, InProcessHub, wait_until
-
-pytestmark = pytest.mark.skipif(not dcmtk_available(), reason="DCMTK (storescu) not installed")
 
 
 def _dataset_bytes(path: Path) -> bytes:
@@ -95,6 +93,7 @@ def _compare(original: Path, reference: Path | None, arrived: Path) -> None:
         assert b.PixelData == a.PixelData, f"{original.name}: pixel data bytes differ"
 
 
+@pytest.mark.needs_dcmtk
 def test_storescu_to_hub_identical(tmp_path: Path) -> None:
     samples = generate_samples(tmp_path / "samples", ct_slices=12)
     candidates = _unique_by_sop(_pydicom_test_files())

@@ -12,10 +12,8 @@ import pytest
 from pydicom import dcmread
 
 from sample_studies.generate import make_ct_series, restamp
-from tests.support.peers import dcmtk_available, storescu
+from tests.support.peers import storescu
 from tests.support.telerad_procs import InProcessGateway, InProcessHub, wait_until
-
-pytestmark = pytest.mark.skipif(not dcmtk_available(), reason="DCMTK (storescu) not installed")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -24,6 +22,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.needs_dcmtk
 def test_forwarding_starts_before_the_study_is_complete_and_late_instances_merge(
     tmp_path: Path,
 ) -> None:
@@ -71,10 +70,11 @@ def _events(hub: InProcessHub) -> list[dict[str, int]]:
         ]
 
 
+@pytest.mark.needs_dcmtk
 def test_pacs_sends_straight_to_the_hub(tmp_path: Path) -> None:
     files = make_ct_series(tmp_path / "ct", 3, seed=32, matrix=128)
     with InProcessHub(tmp_path / "hub") as hub:
-        port = hub.hub.listener.port
+        port = hub.hub.inbox.listener.port
         res = storescu([tmp_path / "ct"], "127.0.0.1", port, hub.settings.aet, "HOSP_PACS")
         assert res.returncode == 0, res.stderr
         committed = wait_until(hub.committed, 60, "study from the hospital PACS committed")
@@ -118,6 +118,7 @@ def test_health_and_metrics(tmp_path: Path) -> None:
             assert "telerad_forward_backlog_instances" in metrics
 
 
+@pytest.mark.needs_dcmtk
 def test_hub_cli_studies_export_and_stations(tmp_path: Path) -> None:
     sent = restamp(
         make_ct_series(tmp_path / "src", 3, seed=33, matrix=128), tmp_path / "ct", salt="cli"

@@ -7,14 +7,12 @@ from pathlib import Path
 import pytest
 
 from sample_studies.generate import make_ct_series
-from tests.support.peers import PostgresCluster, dcmtk_available, postgres_bin_dir, storescu
+from tests.support.peers import PostgresCluster, storescu
 from tests.support.telerad_procs import InProcessGateway, InProcessHub, wait_until
 
-pytestmark = pytest.mark.skipif(
-    postgres_bin_dir() is None or not dcmtk_available(), reason="PostgreSQL or DCMTK missing"
-)
 
-
+@pytest.mark.needs_postgres
+@pytest.mark.needs_dcmtk
 def test_gateway_to_hub_on_postgresql(tmp_path: Path) -> None:
     files = make_ct_series(tmp_path / "ct", 6, seed=7, matrix=128)
     with PostgresCluster() as pg:

@@ -24,14 +24,14 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from dicom_gateway.scp import (
+from dicom_gateway.durable.scp import (
     CANNOT_UNDERSTAND,
     CONFLICT,
     MISSING_UIDS,
     OUT_OF_RESOURCES,
     UID_MISMATCH,
 )
-from tests.support.peers import dcmtk_available, echoscu
+from tests.support.peers import echoscu
 from tests.support.telerad_procs import InProcessGateway
 
 
@@ -71,7 +71,7 @@ def test_host_restricted_caller_from_elsewhere_rejected(tmp_path: Path) -> None:
         assert _associate(gw, "CT01").is_rejected  # type: ignore[attr-defined]
 
 
-@pytest.mark.skipif(not dcmtk_available(), reason="DCMTK not installed")
+@pytest.mark.needs_dcmtk
 def test_echo_with_dcmtk(gateway: InProcessGateway) -> None:
     res = echoscu("127.0.0.1", gateway.port, gateway.aet, "MODALITY")
     assert res.returncode == 0, res.stderr
@@ -161,7 +161,7 @@ def test_missing_uids_are_quarantined(gateway: InProcessGateway) -> None:
     assert assoc.send_c_store(ds).Status == MISSING_UIDS  # type: ignore[attr-defined]
     assoc.release()  # type: ignore[attr-defined]
     reasons = [r[0] for r in gateway.state.query("SELECT reason FROM quarantine")]
-    assert reasons == ["missing UID"]
+    assert reasons == ["StudyInstanceUID is missing"]
     assert gateway.state.get_instance(str(ds.SOPInstanceUID)) is None
 
 
@@ -244,7 +244,7 @@ def test_status_cli_lists_quarantine(gateway: InProcessGateway) -> None:
         check=True,
         timeout=60,
     )
-    assert "Quarantine" in human.stdout and "missing UID" in human.stdout
+    assert "Quarantine" in human.stdout and "InstanceUID is missing" in human.stdout
 
 
 def test_transfer_syntax_is_chosen_from_our_order(gateway: InProcessGateway) -> None:

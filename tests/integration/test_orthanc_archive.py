@@ -31,17 +31,12 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
-from reading_queue.archive import ArchiveError, OrthancArchive
+from reading_queue.intake.archive import ArchiveError, OrthancArchive
 from reading_queue.models import Upload
 from sample_studies.generate import committed_samples, generate_samples, restamp
 from tests.support import peers
-from tests.support.peers import OrthancServer, dcmtk_available, orthanc_available, storescu
+from tests.support.peers import OrthancServer, storescu
 from tests.support.telerad_procs import InProcessGateway, InProcessHub, wait_until
-
-pytestmark = [
-    pytest.mark.skipif(not orthanc_available(), reason="Orthanc binary not installed"),
-    pytest.mark.skipif(not dcmtk_available(), reason="DCMTK (storescu) missing"),
-]
 
 CREDENTIALS = ("telerad", "orthanc-test-secret")
 COMPRESSED = ["MR_small_jpeg_ls_lossless.dcm", "SC_rgb_rle.dcm", "GDCMJ2K_TextGBR.dcm"]
@@ -150,6 +145,8 @@ def _cli_export(hub: InProcessHub, orthanc: OrthancServer, out: Path) -> str:
     return re.sub(r"\s+", " ", res.stdout)
 
 
+@pytest.mark.needs_orthanc
+@pytest.mark.needs_dcmtk
 def test_hub_archives_in_orthanc_and_exports_what_the_gateway_received(
     tmp_path: Path, samples: Path
 ) -> None:
@@ -197,6 +194,8 @@ def test_hub_archives_in_orthanc_and_exports_what_the_gateway_received(
                 _assert_identical(data, sha, path.read_bytes(), path.name)
 
 
+@pytest.mark.needs_orthanc
+@pytest.mark.needs_dcmtk
 def test_orthanc_outage_makes_hub_unhealthy_and_uploads_wait(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

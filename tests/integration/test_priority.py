@@ -11,10 +11,8 @@ import pytest
 
 from sample_studies.generate import make_cr, make_ct_series
 from tests.support.faultproxy import FaultProxy
-from tests.support.peers import dcmtk_available, storescu
+from tests.support.peers import storescu
 from tests.support.telerad_procs import InProcessGateway, InProcessHub, wait_until
-
-pytestmark = pytest.mark.skipif(not dcmtk_available(), reason="DCMTK (storescu) not installed")
 
 
 def _held(hub: InProcessHub) -> dict[str, int]:
@@ -25,6 +23,7 @@ def _held(hub: InProcessHub) -> dict[str, int]:
     }
 
 
+@pytest.mark.needs_dcmtk
 def test_stat_preempts_routine_backlog(tmp_path: Path) -> None:
     routine = make_ct_series(tmp_path / "routine", 40, seed=11)  # ~21 MB raw
     stat_cr = make_cr(tmp_path / "stat", seed=12, priority="STAT")
@@ -67,6 +66,7 @@ def test_stat_preempts_routine_backlog(tmp_path: Path) -> None:
                 )
 
 
+@pytest.mark.needs_dcmtk
 def test_priority_command_reorders_the_queue(tmp_path: Path) -> None:
     first = make_ct_series(tmp_path / "a", 3, seed=21, matrix=128)
     second = make_ct_series(tmp_path / "b", 3, seed=22, matrix=128)

@@ -22,11 +22,11 @@ import yaml
 from pydicom import dcmread
 from typer.testing import CliRunner, Result
 
-from reading_queue.ingest import StudyMeta
+from reading_queue.intake.service import StudyMeta, open_ingest
+from reading_queue.settings import HubSettings
 from sample_studies.generate import committed_samples, restamp
 from telerad.cli import app
-from telerad.config import HubSettings, Priority
-from telerad.hub import open_ingest
+from telerad.core.priority import Priority
 
 ALWAYS = "daily 00:00-24:00"  # on shift whenever the test runs
 

@@ -16,10 +16,8 @@ import pytest
 from pydicom import dcmread
 
 from sample_studies.generate import make_ct_series
-from tests.support.peers import dcmtk_available, storescu
+from tests.support.peers import storescu
 from tests.support.telerad_procs import InProcessGateway, InProcessHub, wait_until
-
-pytestmark = pytest.mark.skipif(not dcmtk_available(), reason="DCMTK missing")
 
 ROSTER = """
 radiologists:
@@ -66,6 +64,7 @@ def webhook() -> Iterator[str]:
     server.shutdown()
 
 
+@pytest.mark.needs_dcmtk
 def test_stat_ct_from_modality_to_assigned_and_escalated(tmp_path: Path, webhook: str) -> None:
     files = make_ct_series(tmp_path / "ct", 4, seed=5, matrix=64, priority="STAT")
     study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)

@@ -22,23 +22,10 @@ from tests.support.peers import (
     OrthancServer,
     PostgresCluster,
     StoreSCP,
-    dcmtk_available,
     echoscu,
     free_port,
-    orthanc_available,
-    postgres_bin_dir,
     storescu,
     wait_for_port,
-)
-
-needs_dcmtk = pytest.mark.skipif(
-    not dcmtk_available(), reason="DCMTK storescp/storescu/echoscu not on PATH"
-)
-needs_orthanc = pytest.mark.skipif(
-    not orthanc_available(), reason="Orthanc binary not installed (/usr/sbin/Orthanc)"
-)
-needs_postgres = pytest.mark.skipif(
-    postgres_bin_dir() is None, reason="PostgreSQL server binaries (initdb, pg_ctl) not found"
 )
 
 
@@ -296,7 +283,7 @@ def test_free_port_and_wait_for_port() -> None:
         wait_for_port("127.0.0.1", server.getsockname()[1], 2.0)
 
 
-@needs_dcmtk
+@pytest.mark.needs_dcmtk
 def test_storescp_receives_each_file_in_its_own_transfer_syntax() -> None:
     names = [
         "CT_small.dcm",  # Explicit VR LE
@@ -324,7 +311,7 @@ def test_storescp_receives_each_file_in_its_own_transfer_syntax() -> None:
             assert path.parent.name == got.StudyInstanceUID
 
 
-@needs_dcmtk
+@pytest.mark.needs_dcmtk
 def test_storescu_pushes_a_folder_and_echo_fails_on_closed_port(tmp_path: Path) -> None:
     folder = tmp_path / "study" / "series"
     folder.mkdir(parents=True)
@@ -337,7 +324,7 @@ def test_storescu_pushes_a_folder_and_echo_fails_on_closed_port(tmp_path: Path) 
     assert echoscu("127.0.0.1", closed_port).returncode != 0
 
 
-@needs_dcmtk
+@pytest.mark.needs_dcmtk
 def test_dicom_association_through_fault_proxy() -> None:
     with StoreSCP("TESTSCP") as scp, FaultProxy("127.0.0.1", scp.port) as proxy:
         proxy.latency_s = 0.05
@@ -355,8 +342,8 @@ def test_dicom_association_through_fault_proxy() -> None:
         assert echoscu("127.0.0.1", proxy.port, "TESTSCP").returncode == 0
 
 
-@needs_dcmtk
-@needs_orthanc
+@pytest.mark.needs_dcmtk
+@pytest.mark.needs_orthanc
 def test_orthanc_accepts_store_and_forwards_to_modality() -> None:
     ct = dcmread(_testdata("CT_small.dcm"))
     with (
@@ -386,7 +373,7 @@ def test_orthanc_accepts_store_and_forwards_to_modality() -> None:
         assert dcmread(files[0]).SOPInstanceUID == ct.SOPInstanceUID
 
 
-@needs_postgres
+@pytest.mark.needs_postgres
 def test_postgres_cluster_serves_sql_over_tcp() -> None:
     with PostgresCluster() as pg:
         with socket.create_connection(("127.0.0.1", pg.port), timeout=5):

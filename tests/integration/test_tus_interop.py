@@ -12,7 +12,7 @@ from pydicom import dcmread
 from tusclient import client as tus
 
 from sample_studies.generate import make_ct_series
-from telerad.wire import BundleEntry, write_bundle
+from telerad.core.wire import BundleEntry, write_bundle
 from tests.support.telerad_procs import InProcessHub
 
 

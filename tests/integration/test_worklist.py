@@ -19,10 +19,10 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from reading_queue.models import make_engine
-from reading_queue.policy import QueuePolicy
-from reading_queue.roster import ShiftSpec
-from reading_queue.worklist import NotEligible, StaleState, UnknownRadiologist, Worklist
-from telerad.config import Priority
+from reading_queue.worklist.policy import QueuePolicy
+from reading_queue.worklist.roster import ShiftSpec
+from reading_queue.worklist.service import NotEligible, StaleState, UnknownRadiologist, Worklist
+from telerad.core.priority import Priority
 from tests.support.peers import PostgresCluster, postgres_bin_dir
 from tests.support.worklist_data import NewStudy, announce_studies, reader, station
 
@@ -41,12 +41,11 @@ def pg() -> Iterator[PostgresCluster | None]:
 _db_counter = iter(range(10_000))
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.needs_postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path, pg: PostgresCluster | None) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'hub.sqlite3'}"
-    if pg is None:
-        pytest.skip("PostgreSQL binaries missing")
+    assert pg is not None, "the needs_postgres mark on this param is checked first"
     return pg.create_database(f"wl_{next(_db_counter)}")
 
 
@@ -572,8 +571,9 @@ def test_sticky_reader_for_the_same_patient(tmp_path: Path) -> None:
 
 
 def test_roster_file_seeds_an_empty_hub_once(tmp_path: Path) -> None:
-    from telerad.config import HubSettings
-    from telerad.hub import open_ingest, open_worklist
+    from reading_queue.intake.service import open_ingest
+    from reading_queue.settings import HubSettings
+    from reading_queue.worklist.worker import open_worklist
 
     roster = tmp_path / "roster.yaml"
     roster.write_text(
@@ -583,10 +583,12 @@ def test_roster_file_seeds_an_empty_hub_once(tmp_path: Path) -> None:
         "stations:\n  - name: tram-1\n    jurisdiction: VN-HN\n    language: vi\n"
     )
     settings = HubSettings(data_dir=tmp_path / "hub", roster_file=roster)
-    wl = open_worklist(settings, open_ingest(settings))
+    ingest = open_ingest(settings)
+    wl = open_worklist(settings, ingest.engine, ingest.first_header)
     assert [r.key for r in wl.radiologists()] == ["dr.lan"]
     assert wl.station("tram-1").jurisdiction == "VN-HN"
     # An admin change survives the next start: the seed is not applied again.
     wl.set_radiologist_active("dr.lan", False)
-    again = open_worklist(settings, open_ingest(settings))
+    reopened = open_ingest(settings)
+    again = open_worklist(settings, reopened.engine, reopened.first_header)
     assert again.radiologist("dr.lan").active is False

@@ -17,9 +17,9 @@ import pytest
 from sqlalchemy import text
 
 from reading_queue.models import make_engine
-from reading_queue.policy import QueuePolicy
-from reading_queue.worklist import StaleState, Worklist
-from tests.support.peers import PostgresCluster, postgres_bin_dir
+from reading_queue.worklist.policy import QueuePolicy
+from reading_queue.worklist.service import StaleState, Worklist
+from tests.support.peers import PostgresCluster
 from tests.support.worklist_data import announce_studies, reader, station, synthetic_load
 
 HELD = ("assigned", "in_progress")
@@ -192,7 +192,7 @@ def _run(url: str, workers: int, ops: int, n_studies: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(postgres_bin_dir() is None, reason="PostgreSQL binaries missing")
+@pytest.mark.needs_postgres
 def test_eight_workers_on_postgresql() -> None:
     with PostgresCluster() as pg:
         _run(pg.create_database("telerad_conc"), workers=8, ops=600, n_studies=5000)

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -33,18 +33,24 @@ from typing import Any, Self
 import httpx
 
 __all__ = [
+    "PEER_MARKERS",
+    "REQUIRE_PEERS_ENV",
     "OrthancServer",
     "PeerError",
     "PostgresCluster",
     "StoreSCP",
+    "chromium_binary",
     "dcmtk_available",
     "dcmtk_tool",
     "echoscu",
     "find_orthanc_plugin",
     "free_port",
+    "missing_peer",
     "orthanc_available",
     "orthanc_binary",
+    "peers_required",
     "postgres_bin_dir",
+    "require_peer",
     "storescu",
     "storescu_config",
     "wait_for_port",
@@ -115,19 +121,29 @@ def wait_for_port(
         time.sleep(_POLL_INTERVAL_S)
 
 
+DCMTK_TOOLS = ("storescp", "storescu", "echoscu")
+
+
+def _find_dcmtk_tool(name: str) -> str | None:
+    venv_bin = (Path(sys.prefix) / "bin").resolve()
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d]
+    path = os.pathsep.join(d for d in dirs if Path(d).resolve() != venv_bin)
+    return shutil.which(name, path=path)
+
+
 def dcmtk_tool(name: str) -> str:
     """The DCMTK program ``name`` on PATH. pynetdicom installs scripts of the same names
     (``storescu``, ``storescp``...) in the virtualenv's bin, first on PATH when the venv is
     activated: that directory is skipped."""
-    venv_bin = (Path(sys.prefix) / "bin").resolve()
-    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d]
-    path = os.pathsep.join(d for d in dirs if Path(d).resolve() != venv_bin)
-    return shutil.which(name, path=path) or name
+    return _find_dcmtk_tool(name) or name
 
 
-def dcmtk_available() -> bool:
-    """True if the DCMTK network tools these helpers drive are on PATH."""
-    return all(shutil.which(dcmtk_tool(tool)) for tool in ("storescp", "storescu", "echoscu"))
+def dcmtk_available(*extra_tools: str) -> bool:
+    """True if the DCMTK network tools these helpers drive (and ``extra_tools``) are on PATH.
+
+    Looked up like ``dcmtk_tool``: pynetdicom's same-named scripts in the venv do not count.
+    """
+    return all(_find_dcmtk_tool(tool) for tool in (*DCMTK_TOOLS, *extra_tools))
 
 
 def orthanc_binary() -> Path | None:
@@ -185,6 +201,120 @@ def find_orthanc_plugin(name: str) -> Path | None:
         if stem in (wanted, f"orthanc{wanted}"):
             return candidate
     return None
+
+
+# ---------------------------------------------------------------------------- missing peers
+#
+# One policy for every test that needs a peer: mark it ``@pytest.mark.needs_dcmtk`` (or
+# ``needs_orthanc``, ``needs_postgres``, ``needs_fuse``, ``needs_chromium``; tests/conftest.py
+# checks them at collection, with ``missing_peer``), or, where availability is only known at
+# run time (a fixture, a mount that fails), call ``require_peer``. A missing peer
+# skips the test with the reason on a developer's machine and fails it when
+# ``TELERAD_REQUIRE_PEERS=1`` (CI: .ci/run), so CI cannot go green on skipped tests.
+
+REQUIRE_PEERS_ENV = "TELERAD_REQUIRE_PEERS"
+
+CHROMIUM_BINARIES = ("chromium", "chromium-browser", "google-chrome", "chrome", "headless_shell")
+
+
+def peers_required() -> bool:
+    """True when a missing peer is an error: ``TELERAD_REQUIRE_PEERS=1``.
+
+    Empty/unset and ``0`` mean "skip"; any other value is refused rather than guessed at, so a
+    CI typo (``=true``) cannot quietly turn failures back into skips.
+    """
+    value = os.environ.get(REQUIRE_PEERS_ENV, "").strip()
+    if value in ("", "0"):
+        return False
+    if value == "1":
+        return True
+    raise ValueError(
+        f"{REQUIRE_PEERS_ENV} must be 1 (missing peers fail) or 0/unset (skip), not {value!r}"
+    )
+
+
+def require_peer(name: str, available: bool, reason: str) -> None:
+    """Skip the running test (or fixture) if peer ``name`` is not ``available``; with
+    ``TELERAD_REQUIRE_PEERS=1`` fail it instead. ``reason`` says what is missing and how to
+    get it."""
+    if available:
+        return
+    import pytest  # here, not at the top: benchmarks import this module without pytest
+
+    message = f"{name} unavailable: {reason}"
+    if peers_required():
+        pytest.fail(f"{message} [{REQUIRE_PEERS_ENV}=1: a missing peer is an error]", pytrace=False)
+    pytest.skip(f"{message} [set {REQUIRE_PEERS_ENV}=1 to fail instead]")
+
+
+def _dcmtk_missing(*extra_tools: str) -> str | None:
+    missing = [tool for tool in (*DCMTK_TOOLS, *extra_tools) if _find_dcmtk_tool(tool) is None]
+    if not missing:
+        return None
+    return (
+        f"{', '.join(missing)} not on PATH"
+        " (pynetdicom's same-named venv scripts do not count; apt-get install dcmtk)"
+    )
+
+
+def _orthanc_missing(*plugins: str) -> str | None:
+    if orthanc_binary() is None:
+        return "Orthanc binary neither on PATH nor /usr/sbin/Orthanc (apt-get install orthanc)"
+    missing = [name for name in plugins if find_orthanc_plugin(name) is None]
+    if missing:
+        return (
+            f"Orthanc plugin(s) {', '.join(missing)} not in {ORTHANC_PLUGIN_DIR}"
+            " (dicomweb: apt-get install orthanc-dicomweb)"
+        )
+    return None
+
+
+def _postgres_missing() -> str | None:
+    if postgres_bin_dir() is None:
+        return (
+            "initdb/pg_ctl/psql neither in /usr/lib/postgresql/*/bin nor on PATH"
+            " (apt-get install postgresql)"
+        )
+    return None
+
+
+def _fuse_missing() -> str | None:
+    from tests.support.lazyfs import fuse_unavailable_reason  # FUSE details live with lazyfs
+
+    return fuse_unavailable_reason()
+
+
+def chromium_binary() -> str | None:
+    """A Chromium/Chrome executable on PATH, or None."""
+    for name in CHROMIUM_BINARIES:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _chromium_missing() -> str | None:
+    if chromium_binary() is None:
+        return f"none of {', '.join(CHROMIUM_BINARIES)} on PATH (apt-get install chromium)"
+    return None
+
+
+# marker -> (peer name in messages, why-missing check taking the marker's args)
+PEER_MARKERS: dict[str, tuple[str, Callable[..., str | None]]] = {
+    "needs_dcmtk": ("DCMTK", _dcmtk_missing),
+    "needs_orthanc": ("Orthanc", _orthanc_missing),
+    "needs_postgres": ("PostgreSQL", _postgres_missing),
+    "needs_fuse": ("FUSE", _fuse_missing),
+    "needs_chromium": ("Chromium", _chromium_missing),
+}
+
+
+def missing_peer(marker: str, *args: str) -> str | None:
+    """Why the peer behind ``marker`` (with the marker's args: extra DCMTK tools, Orthanc
+    plugins) is not usable here, or None if it is. Checked afresh each time (cheap, and
+    tests may change PATH)."""
+    _name, check = PEER_MARKERS[marker]
+    return check(*args)
 
 
 # ---------------------------------------------------------------------------- process plumbing

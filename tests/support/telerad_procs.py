@@ -19,10 +19,12 @@ from typing import Any, Self
 
 import httpx
 
-from dicom_gateway.service import Gateway
-from dicom_gateway.state import StateDB
-from telerad.config import GatewaySettings, HubSettings
-from telerad.hub import Hub, open_ingest
+from dicom_gateway.durable.state import StateDB
+from dicom_gateway.station.service import Gateway
+from dicom_gateway.station.settings import GatewaySettings
+from reading_queue.intake.service import open_ingest
+from reading_queue.settings import HubSettings
+from telerad.hub import Hub
 from tests.support.peers import free_port, wait_for_port
 
 

@@ -16,7 +16,7 @@ from sqlalchemy import insert
 from sqlalchemy.engine import Engine
 
 from reading_queue.models import HubStudy, StudyEvent
-from reading_queue.roster import RadiologistSpec, ShiftSpec, StationSpec
+from reading_queue.worklist.roster import RadiologistSpec, ShiftSpec, StationSpec
 
 ALWAYS = [ShiftSpec(days="daily", start="00:00", end="24:00")]
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
+from dicom_gateway.station.settings import GatewaySettings
+from reading_queue.settings import HubSettings
 from telerad.cli import app
-from telerad.config import GatewaySettings, HubSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,13 +13,15 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 
-from dicom_gateway.forward.worker import ForwardWorker, StudyWork
-from dicom_gateway.priority import evaluate
-from dicom_gateway.scp import SUCCESS, Listener
-from dicom_gateway.service import Janitor, gateway_status, recover
-from dicom_gateway.spool import Spool
-from dicom_gateway.state import COMMITTED, PENDING, StateDB
-from telerad.config import GatewaySettings, Priority, PriorityRule, default_priority_rules
+from dicom_gateway.durable.forward import ForwardWorker, StudyWork
+from dicom_gateway.durable.priority_rules import PriorityRule, default_priority_rules, evaluate
+from dicom_gateway.durable.recovery import recover
+from dicom_gateway.durable.scp import SUCCESS, Listener
+from dicom_gateway.durable.spool import Spool
+from dicom_gateway.durable.state import COMMITTED, PENDING, SCHEMA_VERSION, StateDB
+from dicom_gateway.station.service import Janitor, gateway_status
+from dicom_gateway.station.settings import GatewaySettings
+from telerad.core.priority import Priority
 
 
 def _ct(study_uid: str | None = None, **tags: str) -> bytes:
@@ -201,7 +203,7 @@ def test_recovery_reindexes_unrecorded_files_and_removes_partials(env: Env) -> N
     # ... a crash mid-write leaves a temporary, and one mid-pack an unrecorded bundle.
     (spool.tmp_dir / "abc.part").write_bytes(b"half a file")
     (spool.outbox_dir / "bundle-x.tlb").write_bytes(b"half a bundle")
-    report = recover(spool, state, settings)
+    report = recover(spool, state, settings, ["hub"])
     assert report == {"temporaries": 1, "reindexed": 1, "orphan_bundles": 1}
     rec = state.get_instance(orphan_uid)
     assert rec is not None and rec.sha256 == hashlib.sha256(orphan).hexdigest()
@@ -216,7 +218,7 @@ def test_recovery_reindexes_unrecorded_files_and_removes_partials(env: Env) -> N
     # The modality re-sends the unacknowledged instance: idempotent, not a conflict.
     assert listener.store(orphan, calling_aet="CT01").status == SUCCESS
     assert state.scalar("SELECT instance_count FROM studies WHERE study_uid = ?", (study,)) == 2
-    assert recover(spool, state, settings) == {
+    assert recover(spool, state, settings, ["hub"]) == {
         "temporaries": 0,
         "reindexed": 0,
         "orphan_bundles": 0,
@@ -263,7 +265,7 @@ def test_hand_encoded_file_meta_equals_pydicom(
     from pydicom.filewriter import write_file_meta_info
     from pynetdicom.dsutils import create_file_meta
 
-    from dicom_gateway.scp import encode_file_meta
+    from dicom_gateway.durable.scp import encode_file_meta
 
     meta = DicomBytesIO()
     write_file_meta_info(
@@ -326,7 +328,8 @@ def test_state_database_from_the_first_schema_is_migrated(tmp_path: Path) -> Non
     old.commit()
     old.close()
     state = StateDB(db_path)
-    assert state.scalar("PRAGMA user_version") == 1
+    assert state.scalar("PRAGMA user_version") == SCHEMA_VERSION
+    assert state.scalar("SELECT released_at FROM studies") is None  # v2 column, no rows
     assert state.get_instance("1.2.3.1") is not None
     assert state.scalar("SELECT next_attempt FROM deliveries") is None
     settings = GatewaySettings(data_dir=tmp_path, disk_reserve_mb=1)
@@ -348,7 +351,7 @@ def test_pynetdicom_reactor_still_sleeps_through_its_time_module(
 
     import pynetdicom.association as association
 
-    from dicom_gateway.scp import ASSOCIATION_POLL_S, _install_negotiation
+    from dicom_gateway.durable.scp import ASSOCIATION_POLL_S, _install_negotiation
 
     assert "time.sleep(0.001)" in inspect.getsource(association.Association._run_reactor)
     _install_negotiation()

@@ -11,10 +11,10 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect
 
+from reading_queue.intake.service import open_ingest
 from reading_queue.migrations import _config
 from reading_queue.models import Base, make_engine
-from telerad.config import HubSettings
-from telerad.hub import open_ingest
+from reading_queue.settings import HubSettings
 
 HEAD = ScriptDirectory.from_config(_config(None)).get_current_head()
 

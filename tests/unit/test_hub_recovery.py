@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from telerad.config import HubSettings
-from telerad.hub import Hub, open_ingest
+from reading_queue.intake.service import open_ingest
+from reading_queue.settings import HubSettings
+from telerad.hub import Hub
 
 
 def test_temporaries_are_removed_at_hub_start_not_by_cli_commands(tmp_path: Path) -> None:

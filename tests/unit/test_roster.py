@@ -13,9 +13,9 @@ import pytest
 from pydantic import ValidationError
 
 from reading_queue import QueueError
-from reading_queue.engine import DecisionKind, QueuedStudy, Shift, plan, shift_status
-from reading_queue.policy import QueuePolicy
-from reading_queue.roster import (
+from reading_queue.worklist.engine import DecisionKind, QueuedStudy, Shift, plan, shift_status
+from reading_queue.worklist.policy import QueuePolicy
+from reading_queue.worklist.roster import (
     RadiologistSpec,
     Roster,
     RosterError,
@@ -25,7 +25,7 @@ from reading_queue.roster import (
     parse_clock,
     parse_days,
 )
-from telerad.config import Priority
+from telerad.core.priority import Priority
 
 YAML_ROSTER = """\
 radiologists:

@@ -19,9 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hst
 
 from reading_queue import QueueError
-from reading_queue.policy import QueuePolicy
-from reading_queue.roster import RadiologistSpec, Roster, load_roster, parse_clock, parse_days
-from reading_queue.simulate import (
+from reading_queue.simulator import (
     RESUME_S,
     STRATEGIES,
     Arrival,
@@ -33,6 +31,14 @@ from reading_queue.simulate import (
     load_arrivals,
     simulate,
     synthetic_day,
+)
+from reading_queue.worklist.policy import QueuePolicy
+from reading_queue.worklist.roster import (
+    RadiologistSpec,
+    Roster,
+    load_roster,
+    parse_clock,
+    parse_days,
 )
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,8 +18,8 @@ from pydicom.data.data_manager import DATA_ROOT
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from telerad import wire
-from telerad.wire import (
+from telerad.core import wire
+from telerad.core.wire import (
     BundleEntry,
     BundleStats,
     WireFormatError,

@@ -10,22 +10,25 @@ from __future__ import annotations
 import base64
 import logging
 import os
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Request, Response, status
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, HTTPException, Path, Request, Response, status
+from pydantic import AfterValidator, BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from reading_queue.archive import ArchiveError
-from reading_queue.ingest import (
+from reading_queue.intake.archive import ArchiveError
+from reading_queue.intake.service import (
     BundleRejected,
     ManifestEntry,
+    NotYourStudy,
     OffsetMismatch,
     StudyMeta,
     UnknownUpload,
     UploadBusy,
     UploadClosed,
 )
+from telerad.core.identity import safe_uid, uid_problem
 from viewer_api.deps import IngestDep, StationDep
 
 logger = logging.getLogger(__name__)
@@ -37,8 +40,13 @@ MAX_BUNDLE = 4 * 1024**3
 _WRITE_BLOCK = 1 << 20
 
 
+#: A UID by telerad.core.identity's rule (the gateway refuses the same at receive time).
+Uid = Annotated[str, AfterValidator(safe_uid)]
+StudyUid = Annotated[str, Path(max_length=64), AfterValidator(safe_uid)]
+
+
 class InstanceIn(BaseModel):
-    sop_instance_uid: str = Field(max_length=64)
+    sop_instance_uid: Uid
     size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
@@ -57,8 +65,16 @@ class ManifestOut(BaseModel):
     missing: list[str]
 
 
+class FailedIn(BaseModel):
+    #: Not validated as a UID: an instance the gateway refused may have a broken one.
+    sop_instance_uid: str = Field(max_length=200)
+    reason: str = Field(default="", max_length=500)
+
+
 class CommitIn(StudyHeader):
-    sop_instance_uids: list[str]
+    sop_instance_uids: list[Uid]
+    #: Instances the station could not deliver for good: the study is marked incomplete.
+    failed: list[FailedIn] = Field(default_factory=list, max_length=100_000)
 
 
 class CommitOut(BaseModel):
@@ -93,25 +109,34 @@ def _metadata(header: str) -> dict[str, str]:
 
 @router.post("/studies/{study_uid}/manifest", response_model=ManifestOut)
 def announce(
-    study_uid: str, body: ManifestIn, station: StationDep, ingest: IngestDep
+    study_uid: StudyUid, body: ManifestIn, station: StationDep, ingest: IngestDep
 ) -> ManifestOut:
-    missing = ingest.announce(
-        station,
-        study_uid,
-        StudyMeta(body.priority, body.modality, body.body_part),
-        [ManifestEntry(i.sop_instance_uid, i.size, i.sha256) for i in body.instances],
-    )
+    try:
+        missing = ingest.announce(
+            station,
+            study_uid,
+            StudyMeta(body.priority, body.modality, body.body_part),
+            [ManifestEntry(i.sop_instance_uid, i.size, i.sha256) for i in body.instances],
+        )
+    except NotYourStudy as exc:
+        raise HTTPException(403, str(exc)) from None
     return ManifestOut(missing=missing)
 
 
 @router.post("/studies/{study_uid}/commit", response_model=CommitOut)
-def commit(study_uid: str, body: CommitIn, station: StationDep, ingest: IngestDep) -> CommitOut:
-    res = ingest.commit(
-        station,
-        study_uid,
-        body.sop_instance_uids,
-        StudyMeta(body.priority, body.modality, body.body_part),
-    )
+def commit(
+    study_uid: StudyUid, body: CommitIn, station: StationDep, ingest: IngestDep
+) -> CommitOut:
+    try:
+        res = ingest.commit(
+            station,
+            study_uid,
+            body.sop_instance_uids,
+            StudyMeta(body.priority, body.modality, body.body_part),
+            [(f.sop_instance_uid, f.reason) for f in body.failed],
+        )
+    except NotYourStudy as exc:
+        raise HTTPException(403, str(exc)) from None
     return CommitOut(
         committed=res.committed, instance_count=res.instance_count, missing=res.missing
     )
@@ -144,7 +169,12 @@ def create_upload(request: Request, station: StationDep, ingest: IngestDep) -> R
     study_uid, bundle_sha = meta.get("study_uid", ""), meta.get("bundle_sha256", "")
     if not study_uid or len(bundle_sha) != 64:
         raise HTTPException(400, "Upload-Metadata needs study_uid and bundle_sha256")
-    upload = ingest.create_upload(station, study_uid, bundle_sha, length)
+    if uid_problem(study_uid) is not None:
+        raise HTTPException(400, f"study_uid is not a usable UID ({uid_problem(study_uid)})")
+    try:
+        upload = ingest.create_upload(station, study_uid, bundle_sha, length)
+    except NotYourStudy as exc:
+        raise HTTPException(403, str(exc)) from None
     if upload.length != length:
         raise HTTPException(409, "a bundle with this sha256 exists with another length")
     return Response(

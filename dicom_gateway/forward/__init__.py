@@ -1,1 +1,0 @@
-"""Forward destinations: ``hub`` (upload protocol), ``dicom`` (C-STORE SCU), ``local`` (hub)."""

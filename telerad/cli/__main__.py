@@ -1,0 +1,5 @@
+"""``python -m telerad.cli``."""
+
+from telerad.cli import main
+
+main()
