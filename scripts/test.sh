@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Quick start, command 2: install what the tests need (Debian packages when root and missing,
-# the test extras in .venv), then run ruff, mypy and the whole pytest suite.
+# the test extras in .venv), then run ruff, mypy and the whole pytest suite. A test whose peer
+# (DCMTK, Orthanc, PostgreSQL, FUSE, Chromium) is missing is skipped with the reason, or fails
+# with TELERAD_REQUIRE_PEERS=1 (what .ci/run sets).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 APT_PACKAGES=(dcmtk orthanc orthanc-dicomweb postgresql python3-venv openssl fuse3)
@@ -16,8 +18,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     # The packaged Orthanc service is not ours: tests start their own instances.
     if command -v systemctl >/dev/null 2>&1; then systemctl disable --now orthanc >/dev/null 2>&1 || true; fi
     service orthanc stop >/dev/null 2>&1 || true
+  elif [ "${TELERAD_REQUIRE_PEERS:-}" = 1 ]; then
+    echo "not root: tests needing ${missing[*]} will FAIL (TELERAD_REQUIRE_PEERS=1)" >&2
   else
-    echo "not root: tests needing ${missing[*]} will be skipped" >&2
+    echo "not root: tests needing ${missing[*]} will be skipped (TELERAD_REQUIRE_PEERS=1: fail)" >&2
   fi
 fi
 source scripts/_venv.sh

@@ -341,13 +341,17 @@ class Listener:
         primitive = assoc.requestor.primitive
         calling = primitive.calling_ae_title if primitive is not None else ""
         host = assoc.requestor.address
-        if not caller_allowed(self.settings.allowed_callers, calling, host):
+        if not self.admits(calling, host):
             logger.warning("rejected association from %s@%s: not allowed", calling, host)
             ASSOCIATIONS.labels("rejected").inc()
             # As pynetdicom's own require_calling_aet path does: reject, then stop the DUL
             # (it flushes the A-ASSOCIATE-RJ before the socket is closed).
             assoc.acse.send_reject(0x01, 0x01, 0x03)
             assoc.kill()
+
+    def admits(self, calling_aet: str, host: str) -> bool:
+        """Whether this caller may associate; the hub's inbox asks its source registry."""
+        return caller_allowed(self.settings.allowed_callers, calling_aet, host)
 
     def handle_echo(self, event: evt.Event) -> int:
         return SUCCESS

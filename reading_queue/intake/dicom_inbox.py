@@ -3,6 +3,10 @@
 The same durable listener as at the stations (``dicom_gateway.durable``) spools what arrives;
 this in-process transport hands each instance to the intake service and commits the study
 once it is complete, so DICOM arrivals follow the same receive-then-commit path as uploads.
+
+Closed by default: only callers registered with ``telerad hub source add AET --station NAME
+[--host H]`` associate; each one's studies belong to its station (jurisdiction, language,
+SLA), exactly as if that station's gateway had uploaded them.
 """
 
 from __future__ import annotations
@@ -27,6 +31,17 @@ from reading_queue.intake.service import IngestService, InstanceRefused, StudyMe
 from reading_queue.settings import HubSettings
 
 
+class _InboxListener(Listener):
+    """The durable listener, admitting the callers of the hub's source registry."""
+
+    def __init__(self, ingest: IngestService, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ingest = ingest
+
+    def admits(self, calling_aet: str, host: str) -> bool:
+        return self.ingest.source_station(calling_aet, host) is not None
+
+
 class LocalTransport:
     """The hub's own listener hands instances to the in-process ingest service."""
 
@@ -35,6 +50,15 @@ class LocalTransport:
         self.ingest = ingest
         self.state = state
         self.spool = spool
+
+    def _station(self, calling_aet: str) -> str:
+        station = self.ingest.source_station(calling_aet)
+        if station is None:
+            raise StudyRefused(
+                f"DICOM source {calling_aet} is no longer registered "
+                "(telerad hub source add AET --station NAME)"
+            )
+        return str(station)
 
     def send(self, study: StudyWork, preempt: Callable[[], bool]) -> bool:
         rows = self.state.query(
@@ -47,7 +71,7 @@ class LocalTransport:
             outcome, why = UPLOADED, ""
             try:
                 self.ingest.store_instance(
-                    f"dicom:{calling}", self.spool.absolute(rel).read_bytes()
+                    self._station(calling), self.spool.absolute(rel).read_bytes()
                 )
             except InstanceRefused as exc:
                 # Different content under a held UID will be refused however often it is
@@ -73,7 +97,9 @@ class LocalTransport:
             (self.destination, study.study_uid, UPLOADED),
         )
         uids = [r[0] for r in rows]
-        station = f"dicom:{rows[0][1]}" if rows else "dicom"
+        if not rows:
+            return
+        station = self._station(rows[0][1])
         failed = [
             (r[0], r[1])
             for r in self.state.query(
@@ -119,7 +145,8 @@ class DicomInbox:
             refusal_budget=settings.refusal_budget,
             retry_max_s=60,
         )
-        self.listener = Listener(
+        self.listener = _InboxListener(
+            ingest,
             settings,
             self.spool,
             self.state,

@@ -59,6 +59,15 @@ def test_forwarding_starts_before_the_study_is_complete_and_late_instances_merge
         assert [e["new_instances"] for e in events] == [4, 2]
 
 
+def _on_worklist(hub: InProcessHub) -> bool:
+    from sqlalchemy import func, select
+
+    from reading_queue.models import Study
+
+    with hub.ingest.session() as s:
+        return bool(s.scalar(select(func.count()).select_from(Study)))
+
+
 def _events(hub: InProcessHub) -> list[dict[str, int]]:
     from sqlalchemy import select
 
@@ -72,15 +81,34 @@ def _events(hub: InProcessHub) -> list[dict[str, int]]:
 
 @pytest.mark.needs_dcmtk
 def test_pacs_sends_straight_to_the_hub(tmp_path: Path) -> None:
+    """Closed by default: an unregistered caller is rejected at association; a registered
+    source's studies belong to its station, with that station's jurisdiction."""
+    from reading_queue.worklist.roster import StationSpec
+
     files = make_ct_series(tmp_path / "ct", 3, seed=32, matrix=128)
     with InProcessHub(tmp_path / "hub") as hub:
         port = hub.hub.inbox.listener.port
+        refused = storescu([tmp_path / "ct"], "127.0.0.1", port, hub.settings.aet, "HOSP_PACS")
+        assert refused.returncode != 0
+        assert "Association Rejected" in refused.stderr + refused.stdout
+        assert hub.ingest.studies() == []
+        hub.add_station("bvbm")
+        hub.hub.worklist.configure_station(
+            StationSpec(name="bvbm", jurisdiction="VN-HN", language="vi")
+        )
+        hub.ingest.add_source("HOSP_PACS", "bvbm", "127.0.0.1")
         res = storescu([tmp_path / "ct"], "127.0.0.1", port, hub.settings.aet, "HOSP_PACS")
         assert res.returncode == 0, res.stderr
         committed = wait_until(hub.committed, 60, "study from the hospital PACS committed")
         assert list(committed.values()) == [len(files)]
         (study,) = hub.ingest.studies()
-        assert study.station == "dicom:HOSP_PACS"
+        assert study.station == "bvbm"
+        listed = wait_until(
+            lambda: hub.hub.worklist.study(study.study_uid) if _on_worklist(hub) else None,
+            60,
+            "the PACS study on the worklist",
+        )
+        assert listed.jurisdiction == "VN-HN" and listed.station == "bvbm"
 
 
 def test_health_and_metrics(tmp_path: Path) -> None:
