@@ -32,10 +32,14 @@ def test_forwarding_starts_before_the_study_is_complete_and_late_instances_merge
     with InProcessHub(tmp_path / "hub") as hub:
         token = hub.add_station("tram-late")
         with InProcessGateway(
-            tmp_path / "gw", hub_url=hub.url, token=token, quiet_period_s=3600
+            tmp_path / "gw",
+            hub_url=hub.url,
+            token=token,
+            quiet_period_s=3600,
+            release_settle_s=3600,  # storescu releases its association: hold completeness
         ) as gw:
             assert storescu(first, "127.0.0.1", gw.port, gw.aet, "CT01").returncode == 0
-            # The study is far from quiet (1 h), yet the hub already holds every instance:
+            # The study is far from complete (1 h), yet the hub already holds every instance:
             # the link never idles through the quiet period. Nothing is committed yet.
             wait_until(
                 lambda: len(hub.ingest.study_instances(study_uid, committed_only=False)) == 4,
