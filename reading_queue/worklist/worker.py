@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 from prometheus_client import Counter, Gauge
 from pydicom.dataset import Dataset
 from sqlalchemy.engine import Engine
@@ -57,8 +58,40 @@ OVERDUE = Gauge("telerad_worklist_overdue_studies", "Open studies past their SLA
 DECISIONS = Counter("telerad_worklist_decisions_total", "Engine decisions applied", ["kind"])
 
 
+class WebhookWorker(threading.Thread):
+    """Delivers the webhook outbox (escalations, STAT pages) on its own thread, with short
+    timeouts: a pager that never answers delays its own deliveries, never a round."""
+
+    def __init__(self, worklist: Worklist, *, interval_s: float, timeout_s: float = 5.0):
+        super().__init__(daemon=True, name="hub-webhooks")
+        self.worklist = worklist
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            timeout = httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 3.0))
+            try:
+                with httpx.Client(timeout=timeout) as client:
+                    self.worklist.deliver_webhooks(client=client)
+            except Exception:
+                logger.exception("webhook delivery failed")
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+
+
 class QueueWorker(threading.Thread):
-    """Feeds the worklist: new studies in, rounds (push mode), leases, escalations, webhooks.
+    """Feeds the worklist: new studies in, rounds (push mode), leases, escalations; its
+    ``webhooks`` thread delivers what the rounds queued.
 
     Woken at once when a study is committed, otherwise every ``interval_s``. Errors are
     logged and retried at the next tick: the worklist's state is in the database."""
@@ -71,6 +104,11 @@ class QueueWorker(threading.Thread):
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.rounds = 0
+        self.webhooks = WebhookWorker(worklist, interval_s=interval_s)
+
+    def start(self) -> None:
+        self.webhooks.start()
+        super().start()
 
     def notify(self, _event: Any = None) -> None:
         self._wake.set()
@@ -78,6 +116,7 @@ class QueueWorker(threading.Thread):
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        self.webhooks.stop()
 
     def tick(self) -> None:
         self.worklist.consume_events()
@@ -90,7 +129,7 @@ class QueueWorker(threading.Thread):
         ):
             if n:
                 DECISIONS.labels(kind).inc(n)
-        self.worklist.deliver_webhooks()
+        self.webhooks.notify()  # delivered on its own thread: a hung pager never delays this
         counts = self.worklist.counts()
         for state in ("received", "ready", "assigned", "in_progress"):
             for prio in ("stat", "urgent", "routine"):
