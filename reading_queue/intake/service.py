@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import threading
 import time
 import uuid
@@ -136,8 +137,22 @@ def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
         yield items[i : i + _IN_CHUNK]
 
 
+class InsufficientStorage(QueueError):
+    """The hub keeps a free-space reserve: the upload waits (HTTP 507, the gateway backs
+    off and resumes; every byte already received is kept)."""
+
+
+#: Disk an upload of N wire bytes may need: the bundle itself plus its decoded instances in
+#: the archive (wire bytes are ~0.3-0.5 of raw for CT and CR).
+UPLOAD_DISK_FACTOR = 3
+
+
 class IngestService:
-    def __init__(self, data_dir: Path, engine: Engine, archive: Archive) -> None:
+    def __init__(
+        self, data_dir: Path, engine: Engine, archive: Archive, *, reserve_bytes: int = 0
+    ) -> None:
+        self.data_dir = data_dir
+        self.reserve_bytes = reserve_bytes
         self.engine = engine
         self.archive = archive
         self.session: sessionmaker[Session] = sessionmaker(engine, expire_on_commit=False)
@@ -150,6 +165,29 @@ class IngestService:
         self._locks_guard = threading.Lock()
         self._process_lock = threading.Lock()
         self.listeners: list[Callable[[StudyCommitted], None]] = []
+
+    # -- disk ------------------------------------------------------------------------------
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.uploads_dir).free
+
+    def check_room(self, need: int) -> None:
+        """InsufficientStorage unless ``need`` bytes fit above the reserve."""
+        free = self.free_bytes()
+        if free - need < self.reserve_bytes:
+            raise InsufficientStorage(
+                f"hub disk: {free // 2**20} MiB free, {need // 2**20} MiB needed above the "
+                f"{self.reserve_bytes // 2**20} MiB reserve; retry later"
+            )
+
+    def disk_status(self) -> dict[str, Any]:
+        """For /healthz: degraded below twice the reserve, before uploads are refused."""
+        free = self.free_bytes()
+        return {
+            "free_bytes": free,
+            "reserve_bytes": self.reserve_bytes,
+            "state": "ok" if free >= 2 * self.reserve_bytes else "low",
+        }
 
     # -- stations --------------------------------------------------------------------------
 
@@ -297,6 +335,7 @@ class IngestService:
         with self.session.begin() as s:
             sid = self._station_id(s, station)
             self._check_owner(s, station, study_uid)
+            self.check_room(UPLOAD_DISK_FACTOR * length)
             existing = s.scalar(
                 select(Upload).where(
                     Upload.station_id == sid, Upload.bundle_sha256 == bundle_sha256
@@ -748,4 +787,9 @@ def export_name(uid: str) -> str:
 def open_ingest(settings: HubSettings) -> IngestService:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.resolved_database_url())
-    return IngestService(settings.data_dir, engine, open_archive(settings))
+    return IngestService(
+        settings.data_dir,
+        engine,
+        open_archive(settings),
+        reserve_bytes=settings.disk_reserve_mb * 1024 * 1024,
+    )

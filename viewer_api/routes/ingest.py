@@ -8,8 +8,10 @@ carries one bundle (many instances, losslessly compressed for the wire). Extensi
 from __future__ import annotations
 
 import base64
+import errno
 import logging
 import os
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Request, Response, status
@@ -19,7 +21,9 @@ from starlette.requests import ClientDisconnect
 
 from reading_queue.intake.archive import ArchiveError
 from reading_queue.intake.service import (
+    UPLOAD_DISK_FACTOR,
     BundleRejected,
+    InsufficientStorage,
     ManifestEntry,
     NotYourStudy,
     OffsetMismatch,
@@ -81,6 +85,36 @@ class CommitOut(BaseModel):
     committed: bool
     instance_count: int
     missing: list[str]
+
+
+class _DiskFull(Exception):
+    def __init__(self, written: int, error: OSError) -> None:
+        self.written = written
+        self.error = error
+
+
+def _write_all(fd: int, data: bytearray) -> int:
+    """Write all of ``data`` (``os.write`` may write less); _DiskFull says how much was
+    written when the disk filled up, so the recorded offset stays exact."""
+    done = 0
+    with memoryview(data) as view:  # released before the caller clears ``data``
+        while done < len(view):
+            try:
+                with view[done:] as rest:
+                    n = os.write(fd, rest)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise _DiskFull(done, exc) from None
+                raise
+            if n <= 0:
+                raise _DiskFull(done, OSError(errno.ENOSPC, "write made no progress"))
+            done += n
+    return done
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield b""
 
 
 def _tus_headers(**extra: str) -> dict[str, str]:
@@ -175,6 +209,8 @@ def create_upload(request: Request, station: StationDep, ingest: IngestDep) -> R
         upload = ingest.create_upload(station, study_uid, bundle_sha, length)
     except NotYourStudy as exc:
         raise HTTPException(403, str(exc)) from None
+    except InsufficientStorage as exc:
+        raise HTTPException(507, str(exc), headers=_tus_headers()) from None
     if upload.length != length:
         raise HTTPException(409, "a bundle with this sha256 exists with another length")
     return Response(
@@ -240,26 +276,44 @@ async def patch_upload(
     room = upload.length - upload.offset
     written = 0
     too_long = False
+    no_space = ""
     buf = bytearray()
     try:
         try:
-            async for piece in request.stream():
+            ingest.check_room(UPLOAD_DISK_FACTOR * room)
+        except InsufficientStorage as exc:
+            no_space = str(exc)
+        try:
+            async for piece in request.stream() if not no_space else _nothing():
                 if written + len(buf) + len(piece) > room:
                     too_long = True
                     break
                 buf += piece
                 if len(buf) >= _WRITE_BLOCK:
-                    os.write(fd, buf)
-                    written += len(buf)
+                    written += _write_all(fd, buf)
                     buf.clear()
         except ClientDisconnect:
             # Keep what arrived: the gateway resumes from here after HEAD.
             logger.info("upload %s from %s interrupted; keeping received bytes", upload_id, station)
+        except _DiskFull as exc:
+            written += exc.written
+            buf.clear()
+            no_space = f"hub disk full after {written} bytes of this request: {exc.error}"
         if buf:
-            os.write(fd, buf)
-            written += len(buf)
+            try:
+                written += _write_all(fd, buf)
+            except _DiskFull as exc:
+                written += exc.written
+                no_space = f"hub disk full after {written} bytes of this request: {exc.error}"
     finally:
         new_offset = await run_in_threadpool(ingest.end_append, upload_id, fd, written)
+    if no_space:
+        logger.warning("upload %s from %s waits for disk: %s", upload_id, station, no_space)
+        raise HTTPException(
+            507,
+            no_space,
+            headers=_tus_headers(**{"Upload-Offset": str(new_offset)}),
+        )
     if too_long:
         raise HTTPException(413, "body runs past Upload-Length", headers=_tus_headers())
     state = upload.state
@@ -269,6 +323,14 @@ async def patch_upload(
             state = done.state
         except BundleRejected as exc:
             raise HTTPException(460, f"bundle rejected: {exc}", headers=_tus_headers()) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # Bytes are kept; an empty PATCH re-runs the unpacking once there is room.
+            logger.error("upload %s: no disk to unpack: %s", upload_id, exc)
+            raise HTTPException(
+                507, f"hub disk full while unpacking: {exc}", headers=_tus_headers()
+            ) from None
         except ArchiveError as exc:
             # Bytes are kept; the gateway retries and an empty PATCH re-runs the unpacking.
             logger.error("upload %s: archive unavailable: %s", upload_id, exc)
