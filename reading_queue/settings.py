@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from dicom_gateway.durable.settings import ListenerSettings
 from reading_queue.worklist.policy import QueuePolicy
@@ -13,6 +13,7 @@ from reading_queue.worklist.policy import QueuePolicy
 
 class HubSettings(ListenerSettings):
     _section = "hub"
+    nested_tables: ClassVar[dict[str, type[BaseModel]]] = {"queue": QueuePolicy}
     aet: str = "TELERAD_HUB"
     dicom_port: int = 11113
     http_port: int = 8100
@@ -28,6 +29,16 @@ class HubSettings(ListenerSettings):
     #: Serve the upload protocol over HTTPS with this certificate and key.
     https_cert: Path | None = None
     https_key: Path | None = None
+    #: Serve the OpenAPI schema and its pages (/docs, /redoc, /openapi.json); off by default:
+    #: the API is for stations and tools, and the schema maps it for anyone who asks.
+    api_docs: bool = False
+    #: ``-1``: /metrics on the main HTTP app; ``0`` or a port: /metrics only on a separate
+    #: plain-HTTP listener on ``metrics_host`` (``0`` = any free port), not on the main app.
+    metrics_port: int = -1
+    metrics_host: str = "127.0.0.1"
+    #: Largest JSON request body (manifests, commits) in KiB, refused with 413 before it is
+    #: parsed; a 5,000-instance manifest is ~600 KiB. tus bundle uploads have their own limit.
+    max_json_body_kb: int = Field(default=8 * 1024, gt=0)
     #: ``push``: the hub assigns studies as they arrive and as capacity frees;
     #: ``pull``: radiologists take the next study themselves (leases, escalation and
     #: releases run in both modes).

@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import threading
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
+import prometheus_client
 import uvicorn
 
 from reading_queue.intake.dicom_inbox import DicomInbox
@@ -33,10 +35,16 @@ class Hub:
             interval_s=settings.queue_interval_s,
         )
         self.ingest.listeners.append(self.queue.notify)
-        self.app = create_app(self.ingest)
+        self.app = create_app(
+            self.ingest,
+            api_docs=settings.api_docs,
+            metrics=settings.metrics_port < 0,
+            max_body_bytes=settings.max_json_body_kb * 1024,
+        )
         self.inbox = DicomInbox(settings, self.ingest)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._metrics: WSGIServer | None = None
         self._stopping = threading.Event()
 
     def start_dicom(self) -> None:
@@ -51,6 +59,11 @@ class Hub:
         if self.settings.https_cert and self.settings.https_key:
             kw.setdefault("ssl_certfile", str(self.settings.https_cert))
             kw.setdefault("ssl_keyfile", str(self.settings.https_key))
+        if self.settings.metrics_port >= 0 and self._metrics is None:
+            # /metrics on its own plain-HTTP listener (loopback by default), not the public app.
+            self._metrics, _ = prometheus_client.start_http_server(
+                self.settings.metrics_port, addr=self.settings.metrics_host
+            )
         config = uvicorn.Config(
             self.app,
             host=self.settings.http_host,
@@ -78,6 +91,13 @@ class Hub:
         raise RuntimeError("hub HTTP server not started")
 
     @property
+    def metrics_port(self) -> int | None:
+        """The separate metrics listener's port; None when /metrics is on the main app."""
+        if self._metrics is None:
+            return None
+        return int(self._metrics.server_address[1])
+
+    @property
     def started(self) -> bool:
         return self._server is not None and self._server.started
 
@@ -87,5 +107,9 @@ class Hub:
             self._server.should_exit = True
             if self._thread:
                 self._thread.join(timeout=10)
+        if self._metrics is not None:
+            self._metrics.shutdown()
+            self._metrics.server_close()
+            self._metrics = None
         self.inbox.stop()
         self.queue.stop()

@@ -2,20 +2,149 @@
 
 One router per resource under ``viewer_api/routes/``: ``ingest`` (the stations' upload
 protocol) and ``health`` (health and metrics).
+
+Closed by default: the OpenAPI schema and its pages are off unless asked for (``api_docs``),
+requests to the upload protocol are authenticated before their body is read
+(``deps.StationAuth``), and request bodies are limited (``BodyLimit``) before anything
+parses them.
 """
 
 from __future__ import annotations
 
+import json
+
 from fastapi import FastAPI
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reading_queue.intake.service import IngestService
 from telerad import __version__
+from viewer_api.deps import StationAuth
 from viewer_api.routes import health, ingest
 
+#: Manifests and commits; a 5,000-instance study's manifest is ~600 KB.
+DEFAULT_MAX_BODY = 8 * 1024 * 1024
+#: tus PATCH requests carry bundle bytes: the upload route streams them to disk and holds
+#: them to the upload's own length (``routes.ingest.MAX_BUNDLE``).
+TUS_UPLOADS = "/api/v1/ingest/uploads/"
 
-def create_app(ingest_service: IngestService) -> FastAPI:
-    app = FastAPI(title="telerad hub", version=__version__)
+
+def _size(n: int) -> str:
+    return f"{n / 1024 / 1024:g} MiB" if n >= 1024 * 1024 else f"{n} bytes"
+
+
+class BodyLimit:
+    """Refuses request bodies over ``max_bytes`` with 413 before the app reads them.
+
+    A declared ``Content-Length`` over the limit is refused at once, without reading a byte;
+    a body without one (chunked) is counted as it streams in, and the request is refused as
+    soon as it passes the limit: the app then sees the client gone and its answer is
+    replaced by the 413. tus PATCH uploads (``TUS_UPLOADS``) are left to their route.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_BODY) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (
+            scope["method"] == "PATCH" and scope["path"].startswith(TUS_UPLOADS)
+        ):
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                await self._refuse(send, 400, "Content-Length is not a number")
+                return
+            if length > self.max_bytes:
+                await self._refuse(
+                    send,
+                    413,
+                    f"request body of {_size(length)} is over this hub's limit of "
+                    f"{_size(self.max_bytes)} (max_json_body_kb)",
+                )
+                return
+        received = 0
+        over = False
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, over
+            if over:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    over = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if over and not started:
+                return  # the app's answer to a "disconnect"; the 413 goes out instead
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not over or started:
+                raise
+        if over and not started:
+            await self._refuse(
+                send,
+                413,
+                f"request body passed this hub's limit of {_size(self.max_bytes)} "
+                "(max_json_body_kb)",
+            )
+
+    @staticmethod
+    async def _refuse(send: Send, code: int, detail: str) -> None:
+        # The rest of the body is never read: close the connection rather than drain it.
+        body = json.dumps({"detail": detail}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": code,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(
+    ingest_service: IngestService,
+    *,
+    api_docs: bool = False,
+    metrics: bool = True,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
+) -> FastAPI:
+    """The hub's HTTP app. ``api_docs`` serves /docs, /redoc and /openapi.json; ``metrics``
+    serves /metrics here (off when the hub has a separate metrics listener)."""
+    app = FastAPI(
+        title="telerad hub",
+        version=__version__,
+        docs_url="/docs" if api_docs else None,
+        redoc_url="/redoc" if api_docs else None,
+        openapi_url="/openapi.json" if api_docs else None,
+    )
     app.state.ingest = ingest_service
     app.include_router(ingest.router)
     app.include_router(health.router)
+    if metrics:
+        app.include_router(health.metrics_router)
+    # The last added runs first: a request is authenticated before its size is looked at,
+    # so an unauthenticated one is 401 however large its body says it is.
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(StationAuth, ingest=ingest_service)
     return app

@@ -9,20 +9,54 @@ the hub's own ingest). Failures are mapped to DICOM statuses here, at the edge:
 0xC211   cannot understand: Study/Series/SOP Instance UID or SOP Class UID missing
 0xC212   cannot understand: SOP Instance UID in the dataset differs from the command's
 0xC213   cannot understand: different content already stored under this SOP Instance UID
+0xC214   cannot understand: a UID breaks the UID rules -- in the dataset, or in the
+         C-STORE-RQ command (Affected SOP Class/Instance UID over 64 characters)
 0xA701   out of resources: unexpected error (logged with the association id)
 =======  ==============================================================================
 
 Everything refused with a dataset in hand is kept in the quarantine with its reason.
+
+Hostile and broken peers (pynetdicom 3.0, read in its source):
+
+* pynetdicom starts an association thread for every accepted TCP connection and counts those
+  threads against ``ae.maximum_associations`` (``acse.py``, ``_negotiate_as_acceptor``:
+  ``len(active_acceptors) > maximum_associations``), so connections that never send an
+  A-ASSOCIATE-RQ fill the slots. Its limit is therefore set out of reach and ours
+  (``max_associations`` in total, ``max_associations_per_peer`` per address) counts only
+  connections that sent an A-ASSOCIATE-RQ we accepted (``handle_requested``).
+* The time a connection has for its A-ASSOCIATE-RQ is the DUL's ARTIM timer, whose timeout is
+  ``acse_timeout`` (``Association.acse_timeout`` sets ``dul.artim_timer.timeout``); the
+  acceptor thread also waits ``acse_timeout`` for the request (``association.py``,
+  ``run_reactor``). Both are ``artim_s``. As an acceptor that never requests a release,
+  nothing else uses ``acse_timeout``; DIMSE and network timeouts stay long.
+* Random bytes: the DUL reads them six at a time as PDU headers, answers each unknown PDU
+  type with an A-ABORT and keeps reading (Sta13, AA-7); the first header with a valid type
+  (1 in 37) makes it block in ``recv(pdu_length)`` on a socket without timeout
+  (``dul.py`` ``_read_pdu_data``), where its ARTIM check never runs again and the acceptor's
+  ``kill()`` waits for it forever. ``_reap_overdue`` shuts such sockets down (which wakes the
+  blocked ``recv``) once ``artim_s`` has passed without an established association, and again
+  ``artim_s`` after a release or abort if the peer has not closed.
+* A command UID longer than 64 characters fails pynetdicom's UID validation when the
+  C-STORE-RQ message becomes a primitive (``dimse.py`` ``receive_primitive`` ->
+  ``message_to_primitive`` -> ``set_uid`` raises ValueError -> Evt19 -> A-ABORT): the handler
+  never runs. ``handle_dimse_recv`` (EVT_DIMSE_RECV fires just before that conversion) puts
+  a placeholder UID in its place and remembers the original, ``handle_store`` refuses the
+  instance with 0xC214 and quarantines it, and ``handle_dimse_sent`` (EVT_DIMSE_SENT fires
+  before the response is encoded) leaves the placeholder out of the C-STORE-RSP, where the
+  UID is optional. Any other invalid command element (a bad Priority, a Move Originator AE
+  title over 16 characters) still ends in pynetdicom's A-ABORT, before our code runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 import ssl
 import struct
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,6 +88,7 @@ from pynetdicom import (
 )
 from pynetdicom import acse as _acse
 from pynetdicom import association as _association_module
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.presentation import negotiate_unrestricted as _pynetdicom_negotiate_unrestricted
@@ -85,6 +120,21 @@ STORE_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
 ASSOCIATIONS = Counter("telerad_scp_associations_total", "Associations by outcome", ["outcome"])
+DROPPED = Counter(
+    "telerad_scp_connections_dropped_total",
+    "Connections shut down because no association came within artim_s, or no close after one",
+)
+
+#: A-ASSOCIATE-RJ result, source, reason: rejected-transient, service provider (presentation),
+#: local limit exceeded -- what pynetdicom answers at its own association limit.
+LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
+#: pynetdicom's ``maximum_associations`` counts every connection's thread from accept on; ours
+#: counts associations (``Listener.handle_requested``). Its check is kept only as a backstop.
+PYNETDICOM_THREAD_LIMIT = 4096
+#: How often the reaper looks for connections past their ARTIM deadline.
+REAPER_POLL_S = 0.25
+#: The C-STORE-RQ command elements pynetdicom validates as UIDs.
+_COMMAND_UIDS = ("AffectedSOPClassUID", "AffectedSOPInstanceUID")
 
 # The SCP picks the transfer syntax from *its own* order among those proposed, so lossless
 # compressed syntaxes come first and lossy last: each instance arrives as it was made
@@ -259,6 +309,18 @@ class Listener:
         # the last association adding to it is released (see ``handle_released``).
         self._adding: dict[int, set[str]] = {}
         self._adding_lock = threading.Lock()
+        # Connections that must become an association (or close) by a deadline: id(assoc) ->
+        # (assoc, time.monotonic() deadline); see ``_reap_overdue``.
+        self._deadlines: dict[int, tuple[Any, float]] = {}
+        # Associations holding a slot: id(assoc) -> (assoc, peer address).
+        self._slots: dict[int, tuple[Any, str]] = {}
+        # C-STORE-RQ command UIDs pynetdicom would have aborted on: id(assoc) -> MessageID ->
+        # {keyword: (value as sent, why invalid)}; see ``handle_dimse_recv``.
+        self._bad_command_uids: dict[int, dict[int, dict[str, tuple[str, str]]]] = {}
+        self._peer_lock = threading.Lock()
+        self._reaper_stop = threading.Event()
+        self._reaper: threading.Thread | None = None
+        self._tls: ssl.SSLContext | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -268,10 +330,14 @@ class Listener:
         _install_negotiation()
         ae = AE(ae_title=self.settings.aet)
         ae.maximum_pdu_size = 0  # no limit: ~30% faster receive (FIELD-NOTES)
-        ae.maximum_associations = self.settings.max_associations
+        # pynetdicom counts connections, not associations (module docstring): our limits are
+        # enforced in ``handle_requested``; its own stays as a backstop far above them.
+        ae.maximum_associations = max(PYNETDICOM_THREAD_LIMIT, self.settings.max_associations)
+        # Long for slow modalities on slow links: an established association may be quiet.
         ae.network_timeout = 120
-        ae.acse_timeout = 30
         ae.dimse_timeout = 120
+        # The ARTIM timer (and the acceptor's wait for the A-ASSOCIATE-RQ): short.
+        ae.acse_timeout = self.settings.artim_s
         ae.add_supported_context(Verification)
         return ae
 
@@ -288,23 +354,34 @@ class Listener:
 
     def start(self) -> ThreadedAssociationServer:
         ae = self.build_ae()
+        self._tls = self.ssl_context()
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_CONN_OPEN, self.handle_conn_open),
             (evt.EVT_REQUESTED, self.handle_requested),
             (evt.EVT_ESTABLISHED, self.handle_established),
-            (evt.EVT_ABORTED, self._count("aborted")),
+            (evt.EVT_ABORTED, self.handle_aborted),
             (evt.EVT_RELEASED, self.handle_released),
             (evt.EVT_CONN_CLOSE, self.handle_closed),
+            (evt.EVT_DIMSE_RECV, self.handle_dimse_recv),
+            (evt.EVT_DIMSE_SENT, self.handle_dimse_sent),
         ]
         server = ae.start_server(
             (self.settings.dicom_host, self.settings.dicom_port),
             block=False,
             evt_handlers=handlers,
-            ssl_context=self.ssl_context(),
+            # Not pynetdicom's ssl_context: it handshakes in the accept loop, where one silent
+            # connection stops every other (handle_conn_open does it per connection instead).
+            ssl_context=None,
         )
         assert server is not None
         self._server = server
+        self._reaper_stop.clear()
+        self._reaper = threading.Thread(
+            target=self._reap_loop, name="telerad-artim-reaper", daemon=True
+        )
+        self._reaper.start()
         host, port = server.server_address[:2]
         logger.info("DICOM listener %s on %s:%d", self.settings.aet, host, port)
         return server
@@ -318,26 +395,129 @@ class Listener:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        self._reaper_stop.set()
+        if self._reaper is not None:
+            self._reaper.join(timeout=5)
+            self._reaper = None
         self._hasher.shutdown(wait=True)
 
     def handle_established(self, event: evt.Event) -> None:
         ASSOCIATIONS.labels("established").inc()
+        with self._peer_lock:
+            self._deadlines.pop(id(event.assoc), None)  # established: DIMSE timeouts apply
         dul = event.assoc.dul
         if hasattr(dul, "_run_loop_delay"):  # private in pynetdicom 3.0; checked by a test
             dul._run_loop_delay = DUL_POLL_S
 
-    @staticmethod
-    def _count(outcome: str) -> Callable[[evt.Event], None]:
-        def handler(event: evt.Event) -> None:
-            ASSOCIATIONS.labels(outcome).inc()
+    # -- hostile peers: ARTIM deadline and association slots ---------------------------------
 
-        return handler
+    def _arm(self, assoc: Any) -> None:
+        """Give ``assoc`` ``artim_s`` from now to become an association, or to close."""
+        with self._peer_lock:
+            self._deadlines[id(assoc)] = (assoc, time.monotonic() + self.settings.artim_s)
+
+    def _free_slot(self, assoc: Any) -> None:
+        with self._peer_lock:
+            self._slots.pop(id(assoc), None)
+
+    def handle_conn_open(self, event: evt.Event) -> None:
+        """Arm the ARTIM deadline; with TLS, handshake here, in this connection's thread.
+
+        pynetdicom's ``AssociationServer.get_request`` wraps each accepted socket in the
+        server's accept loop (``ssl_context.wrap_socket(..., server_side=True)`` handshakes
+        at once): a peer that connects and says nothing stopped every new connection, for
+        good (measured: a C-ECHO behind one silent connection timed out). Here the handshake
+        runs in the thread socketserver started for this connection, before pynetdicom's
+        association thread starts, with ``artim_s`` per socket operation and the reaper's
+        deadline over all of it."""
+        assoc = event.assoc
+        self._arm(assoc)
+        if self._tls is None:
+            return
+        holder = cast(Any, assoc.dul.socket)  # AssociationSocket, set before EVT_CONN_OPEN
+        raw = holder.socket
+        try:
+            raw.settimeout(self.settings.artim_s)
+            tls = self._tls.wrap_socket(raw, server_side=True)
+            tls.settimeout(None)  # pynetdicom reads a blocking socket, as it would have
+        except (OSError, ValueError) as exc:  # ssl.SSLError and timeouts are OSErrors
+            logger.warning("TLS handshake with %s failed: %s", assoc.requestor.address, exc)
+            DROPPED.inc()
+            try:
+                raw.close()
+            except OSError:
+                pass
+            return  # the DUL finds the socket closed (Evt17) and ends the connection
+        holder.socket = tls
+
+    def _reap_loop(self) -> None:
+        while not self._reaper_stop.wait(REAPER_POLL_S):
+            try:
+                self._reap_overdue(time.monotonic())
+            except Exception:  # the reaper must outlive any one connection
+                logger.exception("ARTIM reaper failed; continuing")
+
+    def _reap_overdue(self, now: float) -> int:
+        """Shut down the sockets of connections past their deadline that are not established.
+
+        pynetdicom's own ARTIM check runs in the DUL loop, which a peer stops by sending a PDU
+        header and less data than it announced (``recv`` without timeout); ``shutdown`` wakes
+        that ``recv`` (it returns EOF), so the DUL closes the connection the normal way
+        (Evt17) and the acceptor thread's ``kill()`` returns."""
+        with self._peer_lock:
+            due = [assoc for assoc, deadline in self._deadlines.values() if deadline <= now]
+            for assoc in due:
+                del self._deadlines[id(assoc)]
+        dropped = 0
+        for assoc in due:
+            if assoc.is_established:
+                continue
+            sock = getattr(assoc.dul.socket, "socket", None)
+            if sock is None:
+                continue  # closed already
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                continue  # closed meanwhile
+            dropped += 1
+            DROPPED.inc()
+            logger.warning(
+                "dropped connection from %s: no association within %.1f s (or no close after)",
+                assoc.requestor.address,
+                self.settings.artim_s,
+            )
+        return dropped
+
+    def _over_limit(self, assoc: Any, host: str) -> str:
+        """Take a slot for ``assoc``, or say why not. Dead threads free theirs (a DUL that
+        died without EVT_CONN_CLOSE, e.g. pynetdicom's 'Exception in DUL.run()' path)."""
+        s = self.settings
+        with self._peer_lock:
+            self._slots = {k: v for k, v in self._slots.items() if v[0].is_alive()}
+            total = len(self._slots)
+            mine = sum(1 for _, peer in self._slots.values() if peer == host)
+            if total >= s.max_associations:
+                return f"{total} associations open (max_associations {s.max_associations})"
+            if mine >= s.max_associations_per_peer:
+                return (
+                    f"{mine} associations open from {host} "
+                    f"(max_associations_per_peer {s.max_associations_per_peer})"
+                )
+            self._slots[id(assoc)] = (assoc, host)
+            return ""
+
+    def handle_aborted(self, event: evt.Event) -> None:
+        ASSOCIATIONS.labels("aborted").inc()
+        self._free_slot(event.assoc)
+        self._arm(event.assoc)  # the peer has artim_s to close
 
     # -- handlers --------------------------------------------------------------------------
 
     def handle_requested(self, event: evt.Event) -> None:
-        """Reject unknown callers at association time (A-ASSOCIATE-RJ, calling AE unknown)."""
+        """Reject unknown callers at association time (A-ASSOCIATE-RJ, calling AE unknown),
+        and callers over the association limits (A-ASSOCIATE-RJ, local limit exceeded)."""
         assoc = event.assoc
+        self._arm(assoc)  # from here, artim_s to be accepted (or rejected) and close
         primitive = assoc.requestor.primitive
         calling = primitive.calling_ae_title if primitive is not None else ""
         host = assoc.requestor.address
@@ -347,6 +527,13 @@ class Listener:
             # As pynetdicom's own require_calling_aet path does: reject, then stop the DUL
             # (it flushes the A-ASSOCIATE-RJ before the socket is closed).
             assoc.acse.send_reject(0x01, 0x01, 0x03)
+            assoc.kill()
+            return
+        why = self._over_limit(assoc, host)
+        if why:
+            logger.warning("rejected association from %s@%s: %s", calling, host, why)
+            ASSOCIATIONS.labels("over_limit").inc()
+            assoc.acse.send_reject(*LOCAL_LIMIT_EXCEEDED)
             assoc.kill()
 
     def admits(self, calling_aet: str, host: str) -> bool:
@@ -365,6 +552,8 @@ class Listener:
         added to, and that no other open association is adding to, is complete after
         ``release_settle_s`` (the forwarder's rule). An aborted association proves nothing:
         its studies wait out the quiet period."""
+        self._free_slot(event.assoc)
+        self._arm(event.assoc)  # the peer has artim_s to close after our A-RELEASE-RP
         with self._adding_lock:
             studies = self._adding.pop(id(event.assoc), set())
             still_open = set().union(*self._adding.values()) if self._adding else set()
@@ -377,6 +566,65 @@ class Listener:
     def handle_closed(self, event: evt.Event) -> None:
         with self._adding_lock:
             self._adding.pop(id(event.assoc), None)
+        with self._peer_lock:
+            self._slots.pop(id(event.assoc), None)
+            self._deadlines.pop(id(event.assoc), None)
+            self._bad_command_uids.pop(id(event.assoc), None)
+
+    def handle_dimse_recv(self, event: evt.Event) -> None:
+        """Keep a C-STORE-RQ whose command UID pynetdicom rejects from aborting the association.
+
+        Runs in the DUL thread just before pynetdicom turns the message into a primitive,
+        where such a UID raises ValueError and the association is aborted (module docstring).
+        The UID is replaced by a placeholder and the value as sent is remembered by message
+        ID; ``handle_store`` refuses the instance (0xC214) and quarantines it."""
+        message = event.message
+        if not isinstance(message, C_STORE_RQ):
+            return
+        command = message.command_set
+        message_id = command.get("MessageID")
+        if not isinstance(message_id, int):
+            return  # pynetdicom will abort on that: nothing to answer to
+        validate = _config.VALIDATORS["UI"]
+        replaced: dict[str, tuple[str, str]] = {}
+        for keyword in _COMMAND_UIDS:
+            if keyword not in command:
+                continue
+            elem = command[keyword]
+            value = elem.value
+            if elem.VM > 1:  # pynetdicom takes the first value too
+                value = value[0]
+            if not value:
+                continue
+            ok, why = validate(UID(str(value)))
+            if not ok:
+                replaced[keyword] = (str(value), why)
+                elem.value = UID(f"2.25.{uuid.uuid4().int}")
+        if replaced:
+            with self._peer_lock:
+                self._bad_command_uids.setdefault(id(event.assoc), {})[message_id] = replaced
+
+    def _bad_uids_of(self, assoc: Any, message_id: Any) -> dict[str, tuple[str, str]]:
+        with self._peer_lock:
+            return dict(self._bad_command_uids.get(id(assoc), {}).get(message_id, {}))
+
+    def handle_dimse_sent(self, event: evt.Event) -> None:
+        """Leave our placeholder UIDs out of the C-STORE-RSP (PS3.7: they are optional there,
+        and if present must equal the request's, which no valid UID can). Runs after
+        pynetdicom built the response message and before it is encoded."""
+        message = event.message
+        if not isinstance(message, C_STORE_RSP):
+            return
+        command = message.command_set
+        with self._peer_lock:
+            per_assoc = self._bad_command_uids.get(id(event.assoc), {})
+            replaced = per_assoc.pop(command.get("MessageIDBeingRespondedTo"), None)
+        if not replaced:
+            return
+        for keyword in replaced:
+            if keyword in command:
+                delattr(command, keyword)
+        message._set_command_group_length()  # private in pynetdicom 3.0; checked by a test
 
     def handle_store(self, event: evt.Event) -> int:
         started = time.perf_counter()
@@ -388,6 +636,11 @@ class Listener:
             # of pynetdicom's receive buffer (peak memory stays ~1x the largest instance).
             req = cast(C_STORE, event.request)
             stream = cast(BytesIO, req.DataSet).getbuffer()
+            bad_uids = self._bad_uids_of(event.assoc, req.MessageID)
+            if bad_uids:
+                return self._refuse_command_uids(
+                    bad_uids, req, str(event.context.transfer_syntax), stream, calling
+                )
             prefix = encode_file_meta(
                 str(req.AffectedSOPClassUID or ""),
                 str(req.AffectedSOPInstanceUID or ""),
@@ -420,6 +673,45 @@ class Listener:
                 outcome.reason,
             )
         STORE_SECONDS.observe(time.perf_counter() - started)
+        return outcome.status
+
+    def _refuse_command_uids(
+        self,
+        bad_uids: dict[str, tuple[str, str]],
+        req: C_STORE,
+        transfer_syntax: str,
+        body: memoryview,
+        calling: str,
+    ) -> int:
+        """0xC214 for a C-STORE-RQ whose command UID pynetdicom could not take: the file
+        quarantined carries the UIDs as sent in its meta."""
+        sent = {
+            kw: bad_uids[kw][0] if kw in bad_uids else str(getattr(req, kw) or "")
+            for kw in _COMMAND_UIDS
+        }
+        prefix = encode_file_meta(
+            sent["AffectedSOPClassUID"], sent["AffectedSOPInstanceUID"], transfer_syntax, calling
+        )
+        study_uid = ""
+        try:
+            study_uid = read_identity(body, prefix)[1].study_uid
+        except IdentityError as exc:
+            study_uid = exc.study_uid or ""
+        except Exception:
+            pass  # undecodable as well: the command UID is reason enough
+        reason = "; ".join(
+            f"command {kw} {value[:80]!r} ({len(value)} characters): {why}"
+            for kw, (value, why) in bad_uids.items()
+        )
+        outcome = self._refuse(
+            bytes(prefix) + bytes(body),
+            calling,
+            INVALID_UID,
+            reason,
+            sent["AffectedSOPInstanceUID"],
+            study_uid,
+        )
+        logger.warning("C-STORE from %s refused 0x%04X: %s", calling, outcome.status, reason)
         return outcome.status
 
     # -- the durable store, usable without a network (the hub ingest and tests call it) ---

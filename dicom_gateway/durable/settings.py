@@ -36,6 +36,12 @@ class ListenerSettings(SectionSettings):
     #: CA bundle to verify callers' certificates (mutual TLS) when set.
     tls_ca: Path | None = None
     max_associations: int = 16
+    #: Associations one peer address may hold at once, out of ``max_associations``; a peer
+    #: over its share is rejected (A-ASSOCIATE-RJ, local limit exceeded), others still get in.
+    max_associations_per_peer: int = Field(default=4, gt=0)
+    #: Seconds a new connection has to deliver its A-ASSOCIATE-RQ (and a finished one to
+    #: close): the DICOM ARTIM timer. Silent and junk connections are dropped after it.
+    artim_s: float = Field(default=5.0, gt=0)
 
     @field_validator("aet")
     @classmethod

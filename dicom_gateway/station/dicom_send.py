@@ -9,6 +9,7 @@ retried; warnings are recorded with the instance.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,7 @@ from pynetdicom.presentation import PresentationContext
 from dicom_gateway.durable.forward import StudyWork, TransportError, mark_committed
 from dicom_gateway.durable.spool import Spool
 from dicom_gateway.durable.state import COMMITTED, FAILED, PENDING, UPLOADED, StateDB
+from dicom_gateway.station.settings import DicomDestination
 from telerad.core.backoff import backoff_delay
 
 logger = logging.getLogger(__name__)
@@ -97,6 +99,25 @@ def refused_everything(assoc: Any) -> bool:
     )
 
 
+def destination_tls_args(dest: DicomDestination) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's ``tls_args`` for ``dest``: a client context that verifies the peer's
+    certificate (against ``dest.ca``, else the system's CAs) and its name, or None when the
+    destination is plain DICOM. Unreadable files fail here, at start, with the setting named.
+    """
+    if not dest.tls:
+        return None
+    try:
+        context = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=str(dest.ca) if dest.ca else None
+        )
+        if dest.tls_cert and dest.tls_key:
+            context.load_cert_chain(str(dest.tls_cert), str(dest.tls_key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"destination {dest.name!r}: TLS files unusable: {exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context, dest.tls_server_name or dest.host
+
+
 class DicomTransport:
     def __init__(
         self,
@@ -146,7 +167,8 @@ class DicomTransport:
         if not assoc.is_established:
             raise TransportError(
                 f"association with {self.aet}@{self.host}:{self.port} failed "
-                f"({'rejected' if assoc.is_rejected else 'no answer or aborted'})"
+                f"({'rejected' if assoc.is_rejected else 'no answer or aborted'}"
+                f"{'; over TLS: check the peer certificate against ca' if self.tls_args else ''})"
             )
         refused: list[str] = []
         preempted = False

@@ -23,7 +23,7 @@ from dicom_gateway.durable.state import (
     UPLOADED,
     StateDB,
 )
-from dicom_gateway.station.dicom_send import DicomTransport
+from dicom_gateway.station.dicom_send import DicomTransport, destination_tls_args
 from dicom_gateway.station.hub_upload import HubTransport
 from dicom_gateway.station.settings import GatewaySettings
 from telerad.core.priority import Priority
@@ -272,6 +272,7 @@ class Gateway:
                     calling_aet=dest.calling_aet or settings.aet,
                     state=self.state,
                     spool=self.spool,
+                    tls_args=destination_tls_args(dest),
                     retry_max_s=settings.retry_max_s,
                 )
             )

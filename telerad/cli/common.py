@@ -52,12 +52,16 @@ def _use_config(config: Path | None) -> None:
 
 
 def _settings(cls: Any, config: Path | None, **flags: Any) -> Any:
+    """The role's settings from flags, ``TELERAD_*`` and the TOML file; a configuration
+    that cannot be used (an unknown key, a bad value) is one red message and exit 2."""
     _use_config(config)
     try:
         return cls(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        # Never str(exc): pydantic's text repeats the input, which may hold a token.
+        _fail(f"configuration error: {_validation_text(exc)}", 2)
     except Exception as exc:
-        console.print(f"[red]configuration error:[/] {exc}")
-        raise typer.Exit(2) from None
+        _fail(f"configuration error: {exc}", 2)
 
 
 def _when(ts: float | None) -> str:

@@ -21,6 +21,7 @@ from telerad.cli.common import (
     ConfigOpt,
     DataDirOpt,
     JsonOpt,
+    _fail,
     _print_table,
     _settings,
     _setup_logging,
@@ -39,7 +40,25 @@ def gateway_serve(
     dicom_port: Annotated[int | None, typer.Option(help="DICOM listener port.")] = None,
     aet: Annotated[str | None, typer.Option(help="Our AE title.")] = None,
     hub_url: Annotated[str | None, typer.Option(help="Hub base URL (https://...).")] = None,
-    token: Annotated[str | None, typer.Option(help="Station token from the hub.")] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            help="Station token from the hub. Every user sees it in `ps`: prefer --token-file "
+            "or TELERAD_TOKEN."
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option("--token-file", help="File holding the station token (mode 0600)."),
+    ] = None,
+    insecure_http: Annotated[
+        bool | None,
+        typer.Option(
+            "--insecure-http",
+            help="Allow an http:// hub URL outside loopback (token and studies unencrypted).",
+            show_default=False,
+        ),
+    ] = None,
     http_port: Annotated[int | None, typer.Option(help="/healthz and /metrics port.")] = None,
     quiet_period_s: Annotated[
         float | None, typer.Option(help="Seconds of silence that complete a study.")
@@ -50,6 +69,12 @@ def gateway_serve(
     from dicom_gateway.station.service import Gateway
 
     _setup_logging(verbose)
+    if token is not None:
+        console.print(
+            "[yellow]warning:[/] --token is visible to every user of this machine (ps, "
+            "/proc); use --token-file PATH or TELERAD_TOKEN instead",
+            highlight=False,
+        )
     settings = _settings(
         GatewaySettings,
         config,
@@ -58,10 +83,15 @@ def gateway_serve(
         aet=aet,
         hub_url=hub_url,
         token=token,
+        token_file=token_file,
+        insecure_http=insecure_http,
         http_port=http_port,
         quiet_period_s=quiet_period_s,
     )
-    gw = Gateway(settings)
+    try:
+        gw = Gateway(settings)
+    except ValueError as exc:  # e.g. a hub URL without a token, unusable TLS files
+        _fail(f"configuration error: {exc}", 2)
     gw.start()
     console.print(
         f"gateway {settings.aet} listening on DICOM port {gw.listener.port}"

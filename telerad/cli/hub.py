@@ -49,6 +49,15 @@ def hub_serve(
     dicom_port: Annotated[int | None, typer.Option(help="DICOM listener port.")] = None,
     aet: Annotated[str | None, typer.Option(help="Hub AE title.")] = None,
     archive: Annotated[str | None, typer.Option(help="filesystem or orthanc")] = None,
+    api_docs: Annotated[
+        bool | None,
+        typer.Option(
+            "--api-docs",
+            help="Serve the OpenAPI schema and pages (/docs, /redoc, /openapi.json); off "
+            "by default.",
+            show_default=False,
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Run the hub: upload protocol over HTTP, DICOM listener, archive."""
@@ -63,6 +72,7 @@ def hub_serve(
         dicom_port=dicom_port,
         aet=aet,
         archive=archive,
+        api_docs=api_docs,
     )
     hub = Hub(settings)
     hub.start_dicom()
@@ -77,6 +87,12 @@ def hub_serve(
             if settings.dicom_port >= 0
             else ""
         )
+        + (
+            f", metrics on http://{settings.metrics_host}:{hub.metrics_port}/metrics"
+            if hub.metrics_port is not None
+            else ""
+        )
+        + (", API docs on /docs" if settings.api_docs else "")
     )
     stop = threading.Event()
     _wait_forever(stop)

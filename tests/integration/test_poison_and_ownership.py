@@ -13,6 +13,7 @@ from io import BytesIO
 from pathlib import Path
 
 import httpx
+import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE
@@ -46,11 +47,21 @@ def _series(tmp_path: Path, name: str, n: int, seed: int) -> list[Dataset]:
     return [dcmread(p) for p in make_ct_series(tmp_path / name, n, seed=seed, matrix=64)]
 
 
-def test_non_conformant_uid_is_quarantined_and_the_rest_flows(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("bad_uid", "problem"),
+    [
+        (LONG_UID, "75 characters long (at most 64)"),  # real modalities send these
+        ("1.2/../../../escaped", "contains characters other than digits and dots"),
+    ],
+    ids=["long", "path-like"],
+)
+def test_non_conformant_uid_is_quarantined_and_the_rest_flows(
+    tmp_path: Path, bad_uid: str, problem: str
+) -> None:
     good = _series(tmp_path, "good", 2, 41)
     bad = _series(tmp_path, "bad", 2, 42)
     for ds in bad:
-        ds.SeriesInstanceUID = LONG_UID  # real modalities send these
+        ds.SeriesInstanceUID = bad_uid
     with InProcessHub(tmp_path / "hub") as hub:
         token = hub.add_station("tram-uid")
         with InProcessGateway(tmp_path / "gw", hub_url=hub.url, token=token) as gw:
@@ -64,10 +75,18 @@ def test_non_conformant_uid_is_quarantined_and_the_rest_flows(tmp_path: Path) ->
         assert [s["study_uid"] for s in status["studies"]] == [study]
         assert status["quarantined"] == 2
         reasons = {q["reason"] for q in status["quarantine"]}
-        assert reasons == {
-            f"SeriesInstanceUID is not a valid UID (75 characters long (at most 64)): {LONG_UID!r}"
-        }
+        assert reasons == {f"SeriesInstanceUID is not a valid UID ({problem}): {bad_uid!r}"}
         assert str(bad[0].StudyInstanceUID) not in hub.committed()
+        assert not list(tmp_path.glob("**/escaped*"))
+        # The hub's upload API refuses the same UIDs with a clear 422 (an old gateway).
+        token2 = hub.add_station("tram-old")
+        manifest = {"instances": [{"sop_instance_uid": bad_uid, "size": 1, "sha256": "0" * 64}]}
+        refused = httpx.post(
+            f"{hub.url}/api/v1/ingest/studies/{good[0].StudyInstanceUID}/manifest",
+            json=manifest,
+            headers={"Authorization": f"Bearer {token2}"},
+        )
+        assert refused.status_code == 422 and "not a usable UID" in refused.text
 
 
 def test_another_stations_study_is_refused_and_steps_aside_at_that_gateway(

@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import ssl
 import subprocess
+import time
+from io import BytesIO
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
+from dicom_gateway.durable.forward import StudyWork, TransportError
+from dicom_gateway.durable.scp import SUCCESS, Listener
+from dicom_gateway.durable.spool import Spool
+from dicom_gateway.durable.state import COMMITTED, PENDING, StateDB
+from dicom_gateway.station.dicom_send import DicomTransport, destination_tls_args
+from dicom_gateway.station.settings import DicomDestination, GatewaySettings
 from sample_studies.generate import make_ct_series
+from tests.support.peers import StoreSCP
 from tests.support.telerad_procs import InProcessGateway, InProcessHub, wait_until
 
 
@@ -137,3 +147,95 @@ def test_dicom_tls_with_client_certificates(tmp_path: Path, pki: Path) -> None:
         assert not ae2.associate(
             "127.0.0.1", gw.port, ae_title=gw.aet, tls_args=(anonymous, "127.0.0.1")
         ).is_established
+
+
+def _spooled_study(data_dir: Path, destination: str, count: int) -> tuple[StateDB, Spool, str]:
+    """``count`` CT instances of one study in a gateway spool, pending for ``destination``."""
+    settings = GatewaySettings(data_dir=data_dir, disk_reserve_mb=1)
+    spool = Spool(data_dir)
+    state = StateDB(data_dir / "gateway.sqlite3")
+    listener = Listener(settings, spool, state, [destination])
+    study = generate_uid()
+    for _ in range(count):
+        ds = dcmread(get_testdata_file("CT_small.dcm"))
+        ds.StudyInstanceUID = study
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        buf = BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        assert listener.store(buf.getvalue(), calling_aet="CT01").status == SUCCESS
+    return state, spool, study
+
+
+def _transport(dest: DicomDestination, state: StateDB, spool: Spool) -> DicomTransport:
+    return DicomTransport(
+        destination=dest.name,
+        aet=dest.aet,
+        host=dest.host,
+        port=dest.port,
+        calling_aet="TELERAD_GW",
+        state=state,
+        spool=spool,
+        tls_args=destination_tls_args(dest),
+    )
+
+
+def _work(study: str, count: int) -> StudyWork:
+    now = time.time()
+    return StudyWork(study, 2, now, now, count, 0, "CT", "")
+
+
+@pytest.mark.needs_dcmtk
+def test_c_store_to_a_tls_destination_verifies_the_peer(tmp_path: Path, pki: Path) -> None:
+    """DCMTK storescp with TLS that requires a client certificate (its default): the
+    destination verifies storescp's certificate against its CA and presents ours."""
+    tls = ["+tls", str(pki / "server.key"), str(pki / "server.pem"), "+cf", str(pki / "ca.pem")]
+    with StoreSCP("TLS_PACS", extra_args=tls) as scp:
+        base = {"name": "tls-pacs", "aet": scp.aet, "host": "127.0.0.1", "port": scp.port}
+        state, spool, study = _spooled_study(tmp_path / "gw", "tls-pacs", 2)
+        # Trusting only the system's CAs, the private CA's certificate is refused: nothing
+        # is sent in clear, the instances stay pending for a later attempt.
+        untrusting = DicomDestination(
+            **base,
+            tls=True,
+            tls_cert=pki / "client.pem",
+            tls_key=pki / "client.key",
+        )
+        with pytest.raises(TransportError, match="over TLS: check the peer certificate"):
+            _transport(untrusting, state, spool).send(_work(study, 2), lambda: False)
+        assert state.scalar("SELECT count(*) FROM deliveries WHERE state = ?", (PENDING,)) == 2
+        # Plain DICOM to the TLS port gets no association either.
+        plain = DicomDestination(**base)
+        with pytest.raises(TransportError):
+            _transport(plain, state, spool).send(_work(study, 2), lambda: False)
+        assert scp.received_files() == []
+        # With the CA and our client certificate, both instances are stored over TLS.
+        dest = DicomDestination(
+            **base,
+            tls=True,
+            ca=pki / "ca.pem",
+            tls_cert=pki / "client.pem",
+            tls_key=pki / "client.key",
+        )
+        assert _transport(dest, state, spool).send(_work(study, 2), lambda: False)
+        files = scp.wait_for_files(2, 30)
+        assert {str(dcmread(f).StudyInstanceUID) for f in files} == {study}
+        assert state.scalar("SELECT count(*) FROM deliveries WHERE state = ?", (COMMITTED,)) == 2
+
+
+def test_tls_destination_refuses_a_certificate_for_another_name(tmp_path: Path, pki: Path) -> None:
+    """The peer's certificate must name the host (or ``tls_server_name``): our own TLS
+    listener (certificate for 127.0.0.1 and localhost) reached under a name it lacks fails."""
+    with InProcessGateway(
+        tmp_path / "peer", tls_cert=pki / "server.pem", tls_key=pki / "server.key"
+    ) as peer:
+        base = {"name": "peer", "aet": peer.aet, "host": "127.0.0.1", "port": peer.port}
+        state, spool, study = _spooled_study(tmp_path / "gw", "peer", 1)
+        wrong = DicomDestination(
+            **base, tls=True, ca=pki / "ca.pem", tls_server_name="pacs.example.org"
+        )
+        with pytest.raises(TransportError, match="over TLS"):
+            _transport(wrong, state, spool).send(_work(study, 1), lambda: False)
+        right = DicomDestination(**base, tls=True, ca=pki / "ca.pem", tls_server_name="localhost")
+        assert _transport(right, state, spool).send(_work(study, 1), lambda: False)
+        assert state.scalar("SELECT count(*) FROM deliveries WHERE state = ?", (COMMITTED,)) == 1
+        assert peer.state.scalar("SELECT count(*) FROM instances") == 1
