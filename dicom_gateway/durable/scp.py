@@ -45,12 +45,16 @@ Hostile and broken peers (pynetdicom 3.0, read in its source):
   before the response is encoded) leaves the placeholder out of the C-STORE-RSP, where the
   UID is optional. Any other invalid command element (a bad Priority, a Move Originator AE
   title over 16 characters) still ends in pynetdicom's A-ABORT, before our code runs.
+* Two things killed pynetdicom's DUL thread mid-association, without an A-ABORT: a command
+  set that does not decode, and our response queued after the peer ended the association
+  (``_guard_dul``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import socket
 import ssl
 import struct
@@ -285,6 +289,56 @@ def caller_allowed(allowed: Sequence[str], calling_aet: str, host: str) -> bool:
     return False
 
 
+#: Events from our side of the association (a primitive queued for the DUL to send).
+_LOCAL_EVENTS = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
+
+
+def _guard_dul(assoc: Any) -> None:
+    """Keep two things a hostile peer can provoke from killing the DUL thread mid-association
+    (no A-ABORT, no EVT_CONN_CLOSE; the bounded fuzz found both). Wrapped per association,
+    not process-wide, before its DUL starts; ``test_listener_hostile`` checks the internals.
+
+    * A P-DATA whose command set does not decode (no CommandField, a wrong-length value):
+      pynetdicom's DT-2 calls ``dimse.receive_primitive`` without a guard around
+      ``DIMSEMessage.decode_msg``, and ``StateMachine.do_action`` re-raises. It now aborts the
+      association as pynetdicom does when a decoded message does not convert (Evt19).
+    * Our answer to a request, queued after the peer's A-ABORT or garbage ended the
+      association (Sta13): P-DATA in Sta13 is not in pynetdicom's transition table and
+      ``do_action`` raises InvalidEventError. There is nobody to answer: it is dropped.
+    """
+    dimse, dul = assoc.dimse, assoc.dul
+    receive = dimse.receive_primitive
+    machine = dul.state_machine
+    do_action = machine.do_action
+
+    def receive_primitive(primitive: Any) -> None:
+        try:
+            receive(primitive)
+        except Exception as exc:
+            logger.warning(
+                "undecodable DIMSE message from %s, aborting: %s", assoc.requestor.address, exc
+            )
+            dimse.message = None
+            dul.event_queue.put("Evt19")  # invalid PDU: A-ABORT (AA-8)
+
+    def guarded_action(event: str) -> None:
+        if event in _LOCAL_EVENTS and machine.current_state == "Sta13":
+            try:
+                primitive = dul.to_provider_queue.get(False)  # else it is offered again
+            except queue.Empty:
+                primitive = None
+            logger.info(
+                "association with %s already ended: dropped %s",
+                assoc.requestor.address,
+                type(primitive).__name__,
+            )
+            return
+        do_action(event)
+
+    dimse.receive_primitive = receive_primitive
+    machine.do_action = guarded_action
+
+
 class Listener:
     """Owns the AE and the handlers; inject the spool and state, no globals."""
 
@@ -432,6 +486,7 @@ class Listener:
         deadline over all of it."""
         assoc = event.assoc
         self._arm(assoc)
+        _guard_dul(assoc)
         if self._tls is None:
             return
         holder = cast(Any, assoc.dul.socket)  # AssociationSocket, set before EVT_CONN_OPEN
