@@ -23,8 +23,8 @@ a :class:`FaultProxy` at 2 Mbit/s, 150 ms one way (300 ms RTT), with a router-si
 
 Gateway and hub run as separate processes (``telerad ... serve``), the proxy in this process.
 Everything listens on 127.0.0.1 and is stopped and deleted at the end, also on failure or
-Ctrl-C. The default run (30-slice CT, ~158 MB backlog) takes about 5 minutes, mostly the
-C-STORE peers; ``--quick`` (~50 MB backlog, no raw C-STORE peer) about 2.
+Ctrl-C. The default run (30-slice CT, ~158 MB backlog) takes about 3.5 minutes, mostly the
+C-STORE peers; ``--quick`` (~63 MB backlog, no raw C-STORE peer) about 2.
 
     python -m benchmarks.wire [--json OUT] [--quick]
 """
@@ -1108,7 +1108,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="~50 MB backlog and no raw C-STORE peer: a ~2 minute check",
+        help="~50 MB (4 CT copies) backlog, no raw C-STORE peer: a ~2 minute check",
     )
     parser.add_argument("--slices", type=int, default=30, help="CT slices (default 30)")
     parser.add_argument(
