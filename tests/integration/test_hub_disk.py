@@ -110,16 +110,22 @@ def test_a_write_that_fills_the_disk_keeps_the_exact_offset(
 
         def stream() -> Iterator[bytes]:
             yield body[: 2 * 2**20]
-            # Someone else takes the disk, leaving ~1 MiB, while the body is on its way.
+            # Someone else takes the disk while the body is on its way (racing the hub's own
+            # writes: whoever is second gets ENOSPC, and the filler just stops there).
             free = shutil.disk_usage(small_disk).free
-            filler.write_bytes(b"\0" * max(free - 2**20, 0))
+            with filler.open("wb", buffering=0) as fh:
+                for _ in range(max(free - 2**20, 0) // 2**16):
+                    try:
+                        fh.write(b"\0" * 2**16)
+                    except OSError:
+                        break
             for at in range(2 * 2**20, len(body), 2**18):
                 yield body[at : at + 2**18]
 
         full = httpx.patch(url, headers={**patch, "Upload-Offset": "0"}, content=stream())
         assert full.status_code == 507 and "disk full" in full.text, full.text
         kept = int(httpx.head(url, headers=headers).headers["Upload-Offset"])
-        assert 2 * 2**20 <= kept < len(body)
+        assert 0 <= kept < len(body)
         [upload_file] = (small_disk / "hub" / "uploads").iterdir()
         assert upload_file.stat().st_size == kept
         assert upload_file.read_bytes() == body[:kept]
