@@ -643,7 +643,18 @@ class IngestService:
                         )
                     )
                 )
-            missing = sorted(set(sop_uids) - held)
+            # Content the hub kept aside (a conflicting re-use of a held SOP Instance UID in an
+            # upload) is not in the study either: counted, so the worklist says so.
+            conflicted = set(
+                s.scalars(
+                    select(HubConflict.sop_instance_uid).where(
+                        HubConflict.study_uid == study_uid, HubConflict.station == station
+                    )
+                )
+            )
+            # A conflicting instance will never be held for this study: not "missing" (that
+            # would have the gateway send it again for ever), counted as not delivered.
+            missing = sorted(set(sop_uids) - held - conflicted)
             if missing:
                 return CommitResult(False, missing=missing)
             newly = 0
@@ -652,6 +663,7 @@ class IngestService:
                     update(HubInstance)
                     .where(
                         HubInstance.sop_instance_uid.in_(chunk),
+                        HubInstance.study_uid == study_uid,
                         HubInstance.state == "received",
                     )
                     .values(state="committed", committed_at=now)
@@ -666,10 +678,16 @@ class IngestService:
                 )
                 or 0
             )
-            missing_now = len({uid for uid, _ in failed} - held)
+            reasons = {why for _, why in failed}
+            if conflicted:
+                reasons.add(
+                    f"{len(conflicted)} with content conflicting with what the hub holds "
+                    "(telerad hub conflicts)"
+                )
+            missing_now = len({uid for uid, _ in failed} - held) + len(conflicted)
             if missing_now != (study.missing_instances or 0):
                 study.missing_instances = missing_now
-                study.missing_reason = "; ".join(sorted({why for _, why in failed}))[:500]
+                study.missing_reason = "; ".join(sorted(reasons))[:500]
                 if missing_now:
                     logger.warning(
                         "study %s from %s is incomplete: %d instances could not be delivered",
@@ -727,6 +745,10 @@ class IngestService:
             if committed_only:
                 q = q.where(HubInstance.state == "committed")
             return list(s.scalars(q.order_by(HubInstance.series_uid, HubInstance.received_at)))
+
+    def conflicts(self) -> list[HubConflict]:
+        with self.session() as s:
+            return list(s.scalars(select(HubConflict).order_by(HubConflict.id)))
 
     def first_header(self, study_uid: str) -> Dataset | None:
         """One instance's header: accession, patient identity (for priors), description."""

@@ -379,6 +379,39 @@ def hub_simulate(
 # -- one study ----------------------------------------------------------------------------
 
 
+@hub_app.command("conflicts")
+def hub_conflicts(
+    config: ConfigOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Instances that arrived with other content under a SOP Instance UID the hub already
+    holds: kept aside in the quarantine, never merged, never dropped silently."""
+    from reading_queue.intake.service import open_ingest
+
+    settings = _settings(HubSettings, config, data_dir=data_dir)
+    rows: list[dict[str, Any]] = [
+        {
+            "when": c.created_at,
+            "station": c.station,
+            "study_uid": c.study_uid,
+            "sop_instance_uid": c.sop_instance_uid,
+            "sha256": c.sha256,
+            "path": c.path,
+        }
+        for c in open_ingest(settings).conflicts()
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    _print_table(
+        "Conflicting content kept aside",
+        ["when", "station", "study", "SOP Instance UID", "file"],
+        [
+            [_when(r["when"]), r["station"], r["study_uid"], r["sop_instance_uid"], r["path"]]
+            for r in rows
+        ],
+    )
+
+
 @hub_app.command("studies")
 def hub_studies(
     config: ConfigOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False
@@ -400,6 +433,8 @@ def hub_studies(
             "first_received": s.first_received,
             "committed_at": s.committed_at,
             "commits": s.commit_count,
+            "missing_instances": s.missing_instances,
+            "missing_reason": s.missing_reason,
         }
         for s in studies
     ]

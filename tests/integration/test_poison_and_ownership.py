@@ -192,3 +192,33 @@ def _bytes(ds: Dataset) -> bytes:
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def test_conflicting_upload_commits_the_study_incomplete_and_is_listed(tmp_path: Path) -> None:
+    """A modality re-uses a SOP Instance UID another station's study holds, with other
+    content: the hub keeps it aside (`telerad hub conflicts`), commits the new study without
+    it and marks it incomplete; the sending gateway is not stuck re-sending it."""
+    first = _series(tmp_path, "x", 1, 47)
+    second = _series(tmp_path, "y", 2, 48)
+    second[0].SOPInstanceUID = first[0].SOPInstanceUID  # the modality bug
+    second[0].file_meta.MediaStorageSOPInstanceUID = first[0].SOPInstanceUID
+    with InProcessHub(tmp_path / "hub") as hub:
+        token_a, token_b = hub.add_station("tram-x"), hub.add_station("tram-y")
+        with InProcessGateway(tmp_path / "gw-a", hub_url=hub.url, token=token_a) as gw:
+            assert _push(gw.port, gw.aet, first) == [0]
+            x_uid = str(first[0].StudyInstanceUID)
+            wait_until(lambda: hub.committed().get(x_uid) == 1, 60, "study X committed")
+        with InProcessGateway(tmp_path / "gw-b", hub_url=hub.url, token=token_b) as gw:
+            assert _push(gw.port, gw.aet, second) == [0, 0]
+            y_uid = str(second[0].StudyInstanceUID)
+            wait_until(lambda: hub.committed().get(y_uid) == 1, 60, "study Y committed")
+            assert not gw.state.attention_list()
+        (y,) = [s for s in hub.ingest.studies() if s.study_uid == y_uid]
+        assert y.missing_instances == 1 and "conflicting" in y.missing_reason
+        listing = json.loads(
+            _cli("hub", "conflicts", "--json", "--data-dir", str(hub.settings.data_dir)).stdout
+        )
+        assert [(c["study_uid"], c["station"]) for c in listing] == [(y_uid, "tram-y")]
+        assert Path(listing[0]["path"]).exists()
+        # Study X is untouched: still its own single instance.
+        assert hub.committed().get(x_uid) == 1
