@@ -358,6 +358,18 @@ class StateDB:
             if cur.rowcount != 1:
                 raise GatewayError(f"no study {study_uid} in this gateway")
 
+    def failed_deliveries(self, destination: str, study_uid: str) -> list[tuple[str, str]]:
+        """The study's instances ``destination`` refused for good, with why: told to the
+        destination at commit, so the study is marked incomplete there."""
+        return [
+            (r[0], r[1])
+            for r in self.query(
+                "SELECT sop_instance_uid, last_status FROM deliveries WHERE destination = ? "
+                "AND study_uid = ? AND state = ?",
+                (destination, study_uid, FAILED),
+            )
+        ]
+
     def mark_released(self, study_uids: Sequence[str], at: float | None = None) -> None:
         """The association adding to these studies was released and no other is open."""
         at = time.time() if at is None else at

@@ -171,12 +171,8 @@ class HubTransport:
         # Instances this gateway could not forward for good: the hub is told, and the study
         # is marked incomplete on the worklist rather than committed as if whole.
         failed = [
-            {"sop_instance_uid": r[0], "reason": r[1][:300]}
-            for r in self.state.query(
-                "SELECT sop_instance_uid, last_status FROM deliveries WHERE destination = ? "
-                "AND study_uid = ? AND state = ?",
-                (self.destination, study.study_uid, FAILED),
-            )
+            {"sop_instance_uid": uid, "reason": why[:300]}
+            for uid, why in self.state.failed_deliveries(self.destination, study.study_uid)
         ]
         resp = self._request(
             "POST",

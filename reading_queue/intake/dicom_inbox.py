@@ -100,14 +100,7 @@ class LocalTransport:
         if not rows:
             return
         station = self._station(rows[0][1])
-        failed = [
-            (r[0], r[1])
-            for r in self.state.query(
-                "SELECT sop_instance_uid, last_status FROM deliveries WHERE destination = ? "
-                "AND study_uid = ? AND state = ?",
-                (self.destination, study.study_uid, FAILED),
-            )
-        ]
+        failed = self.state.failed_deliveries(self.destination, study.study_uid)
         try:
             res = self.ingest.commit(
                 station,

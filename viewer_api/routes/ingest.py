@@ -11,7 +11,8 @@ import base64
 import errno
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Request, Response, status
@@ -117,6 +118,16 @@ async def _nothing() -> AsyncIterator[bytes]:
     yield b""
 
 
+@contextmanager
+def _own_study() -> Iterator[None]:
+    """A study another station started answers 403 with the reason; the gateway counts it
+    as a refusal of that study (needs attention), never as a link failure."""
+    try:
+        yield
+    except NotYourStudy as exc:
+        raise HTTPException(403, str(exc)) from None
+
+
 def _tus_headers(**extra: str) -> dict[str, str]:
     return {"Tus-Resumable": TUS_VERSION, "Cache-Control": "no-store", **extra}
 
@@ -145,15 +156,13 @@ def _metadata(header: str) -> dict[str, str]:
 def announce(
     study_uid: StudyUid, body: ManifestIn, station: StationDep, ingest: IngestDep
 ) -> ManifestOut:
-    try:
+    with _own_study():
         missing = ingest.announce(
             station,
             study_uid,
             StudyMeta(body.priority, body.modality, body.body_part),
             [ManifestEntry(i.sop_instance_uid, i.size, i.sha256) for i in body.instances],
         )
-    except NotYourStudy as exc:
-        raise HTTPException(403, str(exc)) from None
     return ManifestOut(missing=missing)
 
 
@@ -161,7 +170,7 @@ def announce(
 def commit(
     study_uid: StudyUid, body: CommitIn, station: StationDep, ingest: IngestDep
 ) -> CommitOut:
-    try:
+    with _own_study():
         res = ingest.commit(
             station,
             study_uid,
@@ -169,8 +178,6 @@ def commit(
             StudyMeta(body.priority, body.modality, body.body_part),
             [(f.sop_instance_uid, f.reason) for f in body.failed],
         )
-    except NotYourStudy as exc:
-        raise HTTPException(403, str(exc)) from None
     return CommitOut(
         committed=res.committed, instance_count=res.instance_count, missing=res.missing
     )
@@ -206,9 +213,8 @@ def create_upload(request: Request, station: StationDep, ingest: IngestDep) -> R
     if uid_problem(study_uid) is not None:
         raise HTTPException(400, f"study_uid is not a usable UID ({uid_problem(study_uid)})")
     try:
-        upload = ingest.create_upload(station, study_uid, bundle_sha, length)
-    except NotYourStudy as exc:
-        raise HTTPException(403, str(exc)) from None
+        with _own_study():
+            upload = ingest.create_upload(station, study_uid, bundle_sha, length)
     except InsufficientStorage as exc:
         raise HTTPException(507, str(exc), headers=_tus_headers()) from None
     if upload.length != length:
