@@ -208,7 +208,17 @@ class ForwardWorker(threading.Thread):
         if chosen is None and due is not None:
             wait = min(wait, due - now)
         BACKLOG.labels(self.destination).set(backlog)
+        self._count_attention()  # also after `gateway retry`, which runs in another process
         return chosen, max(wait, 0.05)
+
+    def _count_attention(self) -> None:
+        ATTENTION.labels(self.destination).set(
+            self.state.scalar(
+                "SELECT count(*) FROM attention WHERE destination = ? AND held_at IS NOT NULL",
+                (self.destination,),
+            )
+            or 0
+        )
 
     def more_urgent_waiting(self, priority: int) -> bool:
         """A more urgent study has bytes to send or is ready to commit: asked between chunks,
@@ -334,13 +344,7 @@ class ForwardWorker(threading.Thread):
                 exc,
                 delay,
             )
-        ATTENTION.labels(self.destination).set(
-            self.state.scalar(
-                "SELECT count(*) FROM attention WHERE destination = ? AND held_at IS NOT NULL",
-                (self.destination,),
-            )
-            or 0
-        )
+        self._count_attention()
 
 
 def mark_committed(state: StateDB, destination: str, study_uid: str, sop_uids: list[str]) -> None:

@@ -215,10 +215,19 @@ def test_a_refused_study_steps_aside_and_the_others_flow(gw: tuple[StateDB, List
     by_uid = {s["study_uid"]: s for s in status["studies"]}
     assert by_uid[poison]["state"] == "needs attention"
     assert "HTTP 422" in by_uid[poison]["attention"]
+    assert _attention_metric() == 1
     # `telerad gateway retry` after a fix: it is sent again.
     assert state.retry_study(poison) == 1
     recorder.refuse.clear()
     assert poison in [w.study_uid for w in worker.candidates()]
+    worker.next_work(time.time())
+    assert _attention_metric() == 0
+
+
+def _attention_metric() -> float | None:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("telerad_forward_attention_studies", {"destination": "hub"})
 
 
 def test_retry_also_resends_instances_refused_for_good(gw: tuple[StateDB, Listener]) -> None:
