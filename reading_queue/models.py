@@ -67,6 +67,39 @@ class DicomSource(Base):
     created_at: Mapped[float] = mapped_column(Float)
 
 
+class User(Base):
+    """A person who signs in: a radiologist (bound to a roster key), a clinic user (bound to
+    one station) or an admin. Only an argon2id hash of the password is kept."""
+
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    #: radiologist | clinic | admin
+    role: Mapped[str] = mapped_column(String(16))
+    radiologist: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    station: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    active: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class AuthSession(Base):
+    """One sign-in: a short-lived access token and its refresh token, kept as sha256 only.
+    Refreshing rotates both; disabling the user or a new password revokes every session."""
+
+    __tablename__ = "auth_sessions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    access_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    refresh_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    access_expires_at: Mapped[float] = mapped_column(Float)
+    refresh_expires_at: Mapped[float] = mapped_column(Float)
+    address: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
 class Upload(Base):
     """A tus upload of one bundle; ``offset`` counts bytes durable in ``path``."""
 

@@ -17,10 +17,11 @@ from fastapi import FastAPI
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from reading_queue.accounts import Accounts
 from reading_queue.intake.service import IngestService
 from telerad import __version__
 from viewer_api.deps import StationAuth
-from viewer_api.routes import health, ingest
+from viewer_api.routes import auth, health, ingest
 
 #: Manifests and commits; a 5,000-instance study's manifest is ~600 KB.
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
@@ -139,7 +140,9 @@ def create_app(
         openapi_url="/openapi.json" if api_docs else None,
     )
     app.state.ingest = ingest_service
+    app.state.accounts = Accounts(ingest_service.engine)
     app.include_router(ingest.router)
+    app.include_router(auth.router)
     app.include_router(health.router)
     if metrics:
         app.include_router(health.metrics_router)

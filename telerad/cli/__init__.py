@@ -23,12 +23,14 @@ from telerad.cli.samples import samples_app
 from telerad.cli.source import source_app
 from telerad.cli.station import station_app
 from telerad.cli.study import study_app
+from telerad.cli.user import user_app
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(hub_app, name="hub")
 hub_app.add_typer(station_app, name="station")
 hub_app.add_typer(source_app, name="source")
+hub_app.add_typer(user_app, name="user")
 hub_app.add_typer(radiologist_app, name="radiologist")
 hub_app.add_typer(roster_app, name="roster")
 hub_app.add_typer(study_app, name="study")
