@@ -110,6 +110,14 @@ def test_a_write_that_fills_the_disk_keeps_the_exact_offset(
 
         def stream() -> Iterator[bytes]:
             yield body[: 2 * 2**20]
+            # Only once the hub has passed its room check and is writing this body (filling
+            # earlier would make the check answer 507 before any byte is written).
+            uploads = small_disk / "hub" / "uploads"
+            wait_until(
+                lambda: any(f.stat().st_size > 0 for f in uploads.iterdir()),
+                30,
+                "the hub writing the first part of the body",
+            )
             # Someone else takes the disk while the body is on its way (racing the hub's own
             # writes: whoever is second gets ENOSPC, and the filler just stops there).
             free = shutil.disk_usage(small_disk).free
