@@ -338,3 +338,28 @@ def make_engine(url: str) -> Engine:
 def hash_token(token: str) -> str:
     """Station tokens are stored as their SHA-256; the token itself is shown once."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+class AuditEvent(Base):
+    """Append-only audit trail (database triggers refuse UPDATE/DELETE): every read of patient
+    data and every action by a person, in the DICOM audit vocabulary (PS3.15 A.5, RFC 3881).
+
+    ``detail`` is short free text for the reviewer and never holds patient names or IDs: the
+    study is named by its UID only."""
+
+    __tablename__ = "audit_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    username: Mapped[str] = mapped_column(String(64), index=True)
+    role: Mapped[str] = mapped_column(String(16), default="")
+    #: EventID: "User Authentication", "DICOM Instances Accessed", "Query", ...
+    action: Mapped[str] = mapped_column(String(64))
+    #: EventActionCode: C(reate) R(ead) U(pdate) D(elete) E(xecute)
+    action_code: Mapped[str] = mapped_column(String(1))
+    #: short machine name: "auth.login", "study.read", "frame.read", ...
+    event_type: Mapped[str] = mapped_column(String(32))
+    study_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    address: Mapped[str] = mapped_column(String(64), default="")
+    #: EventOutcomeIndicator: 0 success, 4 minor, 8 serious, 12 major failure
+    outcome: Mapped[int] = mapped_column(Integer, default=0)
+    detail: Mapped[str] = mapped_column(String(255), default="")

@@ -12,16 +12,19 @@ parses them.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reading_queue.accounts import Accounts
+from reading_queue.audit import AuditTrail
 from reading_queue.intake.service import IngestService
 from telerad import __version__
 from viewer_api.deps import StationAuth
-from viewer_api.routes import auth, health, ingest
+from viewer_api.routes import audit, auth, health, ingest
 
 #: Manifests and commits; a 5,000-instance study's manifest is ~600 KB.
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
@@ -123,6 +126,12 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    app.state.audit.close()  # on stop: the queued audit events are written, none lost
+
+
 def create_app(
     ingest_service: IngestService,
     *,
@@ -138,11 +147,14 @@ def create_app(
         docs_url="/docs" if api_docs else None,
         redoc_url="/redoc" if api_docs else None,
         openapi_url="/openapi.json" if api_docs else None,
+        lifespan=_lifespan,
     )
     app.state.ingest = ingest_service
     app.state.accounts = Accounts(ingest_service.engine)
+    app.state.audit = AuditTrail(ingest_service.engine)
     app.include_router(ingest.router)
     app.include_router(auth.router)
+    app.include_router(audit.router)
     app.include_router(health.router)
     if metrics:
         app.include_router(health.metrics_router)

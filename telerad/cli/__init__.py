@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from telerad import __version__
+from telerad.cli.audit import hub_audit
 from telerad.cli.common import _setup_logging, console
 from telerad.cli.gateway import gateway_app
 from telerad.cli.hub import hub_app
@@ -34,6 +35,7 @@ hub_app.add_typer(user_app, name="user")
 hub_app.add_typer(radiologist_app, name="radiologist")
 hub_app.add_typer(roster_app, name="roster")
 hub_app.add_typer(study_app, name="study")
+hub_app.command("audit")(hub_audit)
 app.add_typer(samples_app, name="samples")
 
 

@@ -72,6 +72,7 @@ RULES: list[tuple[str, tuple[str, ...]]] = [
     ("reading_queue.simulator", (CORE, "reading_queue!", "reading_queue.worklist")),
     # People who sign in: their own room, on the shared database models.
     ("reading_queue.accounts", (CORE, "reading_queue!", "reading_queue.models")),
+    ("reading_queue.audit", (CORE, "reading_queue!", "reading_queue.models")),
     ("reading_queue", (CORE, "reading_queue!")),
     ("viewer_api", (CORE, "telerad!", "reading_queue", "viewer_api")),
     ("sample_studies", ("sample_studies",)),

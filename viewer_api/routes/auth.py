@@ -2,7 +2,8 @@
 ``GET /api/auth/me``, ``POST /api/auth/logout``.
 
 Tokens are opaque and short-lived (reading_queue.accounts); every request looks its token
-up with the user, so a disabled user is refused at once (401) even with a live token.
+up with the user, so a disabled user is refused at once (401) even with a live token. Every
+sign-in, refusal, refresh and sign-out goes to the audit trail (reading_queue.audit).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from reading_queue.accounts import (
     Tokens,
     TooManyAttempts,
 )
+from reading_queue.audit import SECURITY_ALERT, USER_AUTHENTICATION, AuditTrail, Outcome
 
 router = APIRouter(prefix="/api/auth", tags=["auth"])
 
@@ -34,6 +36,14 @@ def get_accounts(request: Request) -> Accounts:
 
 
 AccountsDep = Annotated[Accounts, Depends(get_accounts)]
+
+
+def get_audit(request: Request) -> AuditTrail:
+    audit: AuditTrail = request.app.state.audit
+    return audit
+
+
+AuditDep = Annotated[AuditTrail, Depends(get_audit)]
 
 
 def current_user(
@@ -66,30 +76,48 @@ def _answer(tokens: Tokens) -> dict[str, Any]:
 def token(
     request: Request,
     accounts: AccountsDep,
+    audit: AuditDep,
     grant_type: Annotated[str, Form()] = "password",
     username: Annotated[str, Form(max_length=64)] = "",
     password: Annotated[str, Form(max_length=1024)] = "",
     refresh_token: Annotated[str, Form(max_length=128)] = "",
 ) -> dict[str, Any]:
     """OAuth2 token endpoint (RFC 6749 §4.3 password grant, §6 refresh)."""
+    address = _address(request)
+    event = "auth.login" if grant_type == "password" else "auth.refresh"
     try:
         if grant_type == "password":
             if not username or not password:
                 raise HTTPException(400, "username and password are required")
-            return _answer(accounts.sign_in(username, password, _address(request)))
-        if grant_type == "refresh_token":
+            tokens = accounts.sign_in(username, password, address)
+        elif grant_type == "refresh_token":
             if not refresh_token:
                 raise HTTPException(400, "refresh_token is required")
-            return _answer(accounts.refresh(refresh_token, _address(request)))
+            tokens = accounts.refresh(refresh_token, address)
+        else:
+            raise HTTPException(400, "grant_type must be password or refresh_token")
     except TooManyAttempts as exc:
+        audit.record(
+            username, "", event, SECURITY_ALERT,
+            address=address, outcome=Outcome.SERIOUS_FAILURE, detail="too many failed sign-ins",
+        )  # fmt: skip
         raise HTTPException(
             429, str(exc), {"Retry-After": str(int(exc.retry_after_s) + 1)}
         ) from None
     except SignInRefused as exc:
+        audit.record(
+            username, "", event, USER_AUTHENTICATION,
+            address=address, outcome=Outcome.MINOR_FAILURE, detail="refused",
+        )  # fmt: skip
         raise HTTPException(401, str(exc), _UNAUTHORISED) from None
     except AccountError as exc:
         raise HTTPException(400, str(exc)) from None
-    raise HTTPException(400, "grant_type must be password or refresh_token")
+    # Who signed in (a refresh names no user): one lookup, only on success.
+    who = accounts.principal(tokens.access_token)
+    audit.record(
+        who if who is not None else username, "", event, USER_AUTHENTICATION, address=address
+    )
+    return _answer(tokens)
 
 
 @router.get("/me")
@@ -104,7 +132,12 @@ def me(user: UserDep) -> dict[str, Any]:
 
 @router.post("/logout", status_code=204)
 def logout(
-    accounts: AccountsDep, user: UserDep, token: Annotated[str | None, Depends(_bearer)]
+    request: Request,
+    accounts: AccountsDep,
+    audit: AuditDep,
+    user: UserDep,
+    token: Annotated[str | None, Depends(_bearer)],
 ) -> None:
     if token:
         accounts.sign_out(token)
+    audit.record(user, "", "auth.logout", USER_AUTHENTICATION, address=_address(request))
