@@ -37,6 +37,7 @@ class Hub:
         self.ingest.listeners.append(self.queue.notify)
         self.app = create_app(
             self.ingest,
+            self.worklist,
             api_docs=settings.api_docs,
             metrics=settings.metrics_port < 0,
             max_body_bytes=settings.max_json_body_kb * 1024,

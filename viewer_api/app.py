@@ -1,7 +1,10 @@
-"""The hub's HTTP application: ``create_app(ingest)``; nothing is created at import time.
+"""The hub's HTTP application: ``create_app(ingest, worklist)``; nothing is created at import
+time.
 
 One router per resource under ``viewer_api/routes/``: ``ingest`` (the stations' upload
-protocol) and ``health`` (health and metrics).
+protocol), ``auth`` (people signing in), ``worklist`` and ``studies`` (the radiologist's
+API), ``audit``, ``health`` (health and metrics), ``viewer`` (the OHIF viewer); DICOMweb in
+``viewer_api/dicomweb``. Every route that touches a study asks ``reading_queue.access``.
 
 Closed by default: the OpenAPI schema and its pages are off unless asked for (``api_docs``),
 requests to the upload protocol are authenticated before their body is read
@@ -19,12 +22,16 @@ from fastapi import FastAPI
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from reading_queue.access import Access
 from reading_queue.accounts import Accounts
 from reading_queue.audit import AuditTrail
 from reading_queue.intake.service import IngestService
+from reading_queue.worklist.service import Worklist
 from telerad import __version__
+from viewer_api import dicomweb
 from viewer_api.deps import StationAuth
-from viewer_api.routes import audit, auth, health, ingest
+from viewer_api.routes import audit, auth, health, ingest, studies, viewer
+from viewer_api.routes import worklist as worklist_routes
 
 #: Manifests and commits; a 5,000-instance study's manifest is ~600 KB.
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
@@ -134,6 +141,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(
     ingest_service: IngestService,
+    worklist: Worklist,
     *,
     api_docs: bool = False,
     metrics: bool = True,
@@ -152,12 +160,18 @@ def create_app(
     app.state.ingest = ingest_service
     app.state.accounts = Accounts(ingest_service.engine)
     app.state.audit = AuditTrail(ingest_service.engine)
+    app.state.worklist = worklist
+    app.state.access = Access(ingest_service.engine)
     app.include_router(ingest.router)
     app.include_router(auth.router)
     app.include_router(audit.router)
+    app.include_router(worklist_routes.router)
+    app.include_router(studies.router)
+    app.include_router(dicomweb.router)
     app.include_router(health.router)
     if metrics:
         app.include_router(health.metrics_router)
+    app.include_router(viewer.router)  # last: its catch-all paths never shadow the API
     # The last added runs first: a request is authenticated before its size is looked at,
     # so an unauthenticated one is 401 however large its body says it is.
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)

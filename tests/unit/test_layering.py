@@ -73,6 +73,7 @@ RULES: list[tuple[str, tuple[str, ...]]] = [
     # People who sign in: their own room, on the shared database models.
     ("reading_queue.accounts", (CORE, "reading_queue!", "reading_queue.models")),
     ("reading_queue.audit", (CORE, "reading_queue!", "reading_queue.models")),
+    ("reading_queue.access", (CORE, "reading_queue!", "reading_queue.models")),
     ("reading_queue", (CORE, "reading_queue!")),
     ("viewer_api", (CORE, "telerad!", "reading_queue", "viewer_api")),
     ("sample_studies", ("sample_studies",)),

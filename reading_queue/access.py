@@ -1,0 +1,195 @@
+"""Who may see which study: the one access rule, applied by every route (DICOMweb included).
+
+- **admin**: every study.
+- **clinic**: the studies of its own station (``hub_studies.station``), from the moment the
+  hub holds them.
+- **radiologist**: the studies on the worklist assigned to them (held, or reported by them),
+  the ready pool they are eligible for, and the priors of both: studies of the same patient
+  (``patient_key``) from the same institution.
+
+Eligibility for the pool is the engine's, without the clock: modality, subspecialty,
+licence covering the study's jurisdiction (none: no one), report language, and not
+excluded by the station. Shifts are left out on purpose: whether a radiologist may *see*
+a study does not flip at the end of a shift (claiming still follows the shift).
+
+Everything is a SQL condition on a study UID column (``visible``), so a search filters in
+the database and a page of results is a page of what the caller may see; ``can_see`` is the
+same condition for one UID. A UID that exists but is not the caller's is indistinguishable
+from one that does not exist: callers answer both with the same 404.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sqlalchemy import ColumnElement, Select, and_, exists, false, func, or_, select, true
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import aliased
+
+from reading_queue.models import HubStudy, Radiologist, Station, Study
+
+#: the worklist state of the pool a radiologist may look into
+POOL_STATE = "ready"
+
+
+class Caller(Protocol):
+    """``reading_queue.accounts.Principal``, by shape."""
+
+    @property
+    def role(self) -> str: ...
+
+    @property
+    def radiologist(self) -> str | None: ...
+
+    @property
+    def station(self) -> str | None: ...
+
+
+def _like_prefix(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "-%"
+
+
+class Access:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # -- the rule, as SQL ----------------------------------------------------------------
+
+    def visible(self, who: Caller, uid: Any) -> ColumnElement[bool]:
+        """A condition on the study UID column ``uid``: true for the studies ``who`` may
+        see. It reads the caller's roster row and station exclusions now (one small query)
+        and embeds them, so it is cheap to evaluate per row."""
+        if who.role == "admin":
+            return true()
+        if who.role == "clinic":
+            if not who.station:
+                return false()
+            return uid.in_(select(HubStudy.study_uid).where(HubStudy.station == who.station))
+        if who.role == "radiologist" and who.radiologist:
+            spec = self._reader(who.radiologist)
+            if spec is None:
+                return false()
+            return uid.in_(_with_priors(spec))
+        return false()
+
+    def _reader(self, key: str) -> _ReaderSpec | None:
+        """What the pool condition needs of radiologist ``key`` (None: not on the roster)."""
+        with self.engine.execution_options(read_only=True).connect() as conn:
+            row = conn.execute(
+                select(
+                    Radiologist.active,
+                    Radiologist.modalities,
+                    Radiologist.subspecialties,
+                    Radiologist.licences,
+                    Radiologist.languages,
+                ).where(Radiologist.key == key)
+            ).first()
+            if row is None:
+                return None
+            excluding = tuple(
+                name
+                for name, excluded in conn.execute(select(Station.name, Station.excluded))
+                if key in (excluded or [])
+            )
+        active, modalities, subspecialties, licences, languages = row
+        return _ReaderSpec(
+            key=key,
+            active=bool(active),
+            modalities=tuple(m.upper() for m in modalities or ()),
+            subspecialties=tuple(subspecialties or ()),
+            licences=tuple(licences or ()),
+            languages=tuple(languages or ()),
+            excluded_by=excluding,
+        )
+
+    # -- the rule, for one study or a few ------------------------------------------------
+
+    def can_see(self, who: Caller, study_uid: str) -> bool:
+        return bool(self.filter(who, [study_uid]))
+
+    def filter(self, who: Caller, study_uids: Iterable[str]) -> set[str]:
+        """The UIDs among ``study_uids`` that ``who`` may see."""
+        uids = list(dict.fromkeys(study_uids))
+        if not uids:
+            return set()
+        if who.role == "admin":
+            return self._existing(uids)
+        found: set[str] = set()
+        with self.engine.execution_options(read_only=True).connect() as conn:
+            for at in range(0, len(uids), 500):
+                chunk = uids[at : at + 500]
+                known = select(HubStudy.study_uid.label("uid")).where(HubStudy.study_uid.in_(chunk))
+                on_worklist = select(Study.study_uid.label("uid")).where(Study.study_uid.in_(chunk))
+                candidates = known.union(on_worklist).subquery()
+                stmt = select(candidates.c.uid).where(self.visible(who, candidates.c.uid))
+                found.update(conn.scalars(stmt))
+        return found
+
+    def _existing(self, uids: list[str]) -> set[str]:
+        with self.engine.execution_options(read_only=True).connect() as conn:
+            out: set[str] = set()
+            for at in range(0, len(uids), 500):
+                chunk = uids[at : at + 500]
+                out.update(
+                    conn.scalars(select(HubStudy.study_uid).where(HubStudy.study_uid.in_(chunk)))
+                )
+                out.update(conn.scalars(select(Study.study_uid).where(Study.study_uid.in_(chunk))))
+            return out
+
+
+@dataclass(frozen=True)
+class _ReaderSpec:
+    key: str
+    active: bool
+    modalities: tuple[str, ...]
+    subspecialties: tuple[str, ...]
+    licences: tuple[str, ...]
+    languages: tuple[str, ...]
+    excluded_by: tuple[str, ...]
+
+
+def _own_or_pool(spec: _ReaderSpec, t: Any) -> ColumnElement[bool]:
+    """On the studies table (or an alias ``t`` of it): assigned to the reader, or in the
+    ready pool they are eligible for."""
+    mine: ColumnElement[bool] = t.assignee == spec.key
+    if not spec.active or not spec.modalities or not spec.licences:
+        return mine
+    pool = [
+        t.state == POOL_STATE,
+        func.upper(t.modality).in_(list(spec.modalities)),
+        or_(t.subspecialty == "", t.subspecialty.in_(list(spec.subspecialties))),
+        t.jurisdiction != "",
+        or_(
+            *(
+                or_(t.jurisdiction == lic, t.jurisdiction.like(_like_prefix(lic), escape="\\"))
+                for lic in spec.licences
+            )
+        ),
+    ]
+    if spec.languages:
+        pool.append(or_(t.language == "", t.language.in_(list(spec.languages))))
+    if spec.excluded_by:
+        pool.append(t.station.notin_(list(spec.excluded_by)))
+    return or_(mine, and_(*pool))
+
+
+def _with_priors(spec: _ReaderSpec) -> Select[Any]:
+    """The reader's own and pool studies, and every study of the same patient (same
+    ``patient_key``, same institution) as one of them."""
+    base = aliased(Study)
+    prior = aliased(Study)
+    direct = select(Study.study_uid).where(_own_or_pool(spec, Study))
+    priors = select(prior.study_uid).where(
+        prior.patient_key != "",
+        exists(
+            select(base.study_uid).where(
+                base.patient_key == prior.patient_key,
+                base.institution == prior.institution,
+                _own_or_pool(spec, base),
+            )
+        ),
+    )
+    return select(direct.union(priors).subquery().c.study_uid)
