@@ -75,6 +75,19 @@ class Access:
             return uid.in_(_with_priors(spec))
         return false()
 
+    def worklist(self, who: Caller) -> ColumnElement[bool]:
+        """A condition on ``studies``: the worklist entries ``who`` may see. For a
+        radiologist: their own and the pool, without the priors (a prior is something to
+        look at, not something to read: it never shows as work)."""
+        if who.role == "admin":
+            return true()
+        if who.role == "clinic":
+            return Study.station == who.station if who.station else false()
+        if who.role == "radiologist" and who.radiologist:
+            spec = self._reader(who.radiologist)
+            return false() if spec is None else _own_or_pool(spec, Study)
+        return false()
+
     def _reader(self, key: str) -> _ReaderSpec | None:
         """What the pool condition needs of radiologist ``key`` (None: not on the roster)."""
         with self.engine.execution_options(read_only=True).connect() as conn:

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import logging
 
+from sqlalchemy import func, select
+
+from reading_queue.models import Radiologist, Study
 from reading_queue.worklist.engine import (
     Decision,
+    ineligibility,
     pull_choices,
 )
 from reading_queue.worklist.store import (
     _CLAIM_CHOICES,
+    _HELD,
+    NotEligible,
+    S,
+    StaleState,
     UnknownRadiologist,
     WorklistStore,
     _excluding,
     _pull_reader,
     _queued,
     _spec,
+    _station_prefs,
 )
 
 logger = logging.getLogger(__name__)
@@ -88,3 +97,53 @@ class ClaimsMixin(WorklistStore):
                     return decision
                 # other claimers hold or took every one of them: look again without them
                 passed.update(d.study_uid for d in choices)
+
+    def claim(self, uid: str, radiologist: str, now: float | None = None) -> None:
+        """The radiologist takes one particular study from the pool (the worklist page's
+        "claim" button): it must be ready, they must be eligible for it now (shift
+        included) and have a free place (``max_concurrent``). ``StaleState`` when it is no
+        longer ready (someone else took it), ``NotEligible`` otherwise."""
+        with self.session.begin() as s:
+            row = s.scalar(
+                select(Radiologist).where(Radiologist.key == radiologist).with_for_update()
+            )
+            if row is None:
+                raise UnknownRadiologist(f"no radiologist {radiologist!r}")
+            st = self._state_of(s, uid)
+            now = self.clock() if now is None else now  # once the locks are ours
+            if st.state != S.READY:
+                raise StaleState(f"study {uid} is {st.state}: only a ready study can be claimed")
+            spec = _spec(row)
+            queued = _queued(st, _station_prefs(s, {st.station}))
+            why = ineligibility(spec.reader(), queued, now, self.policy)
+            if why is not None:
+                raise NotEligible(f"{radiologist} cannot read study {uid}: {why}")
+            held = s.scalar(
+                select(func.count())
+                .select_from(Study)
+                .where(Study.assignee == radiologist, Study.state.in_(_HELD))
+            )
+            if int(held or 0) >= spec.max_concurrent:
+                raise NotEligible(
+                    f"{radiologist} already holds {held} studies (at most {spec.max_concurrent})"
+                )
+            reasons = ["claimed from the pool"]
+            self._transition(
+                s,
+                uid,
+                [S.READY],
+                S.ASSIGNED,
+                kind="assigned",
+                actor=f"radiologist:{radiologist}",
+                now=now,
+                assignee=radiologist,
+                values={
+                    "assignee": radiologist,
+                    "assigned_at": now,
+                    "started_at": None,
+                    "lease_expires_at": now + self.policy.lease_s(st.priority),
+                },
+                detail={"mode": "pull", "reasons": reasons},
+            )
+            self._open_assignment(s, uid, radiologist, "pull", reasons, now)
+        logger.info("study %s claimed by %s", uid, radiologist)
