@@ -4,6 +4,12 @@ Access tokens are opaque random strings, short-lived (15 minutes), kept as sha25
 looked up on every request together with their user: a disabled user is refused at once,
 live token or not. Refresh tokens (12 hours) rotate on use. Failed sign-ins are limited per
 username and per address (in this process: one hub process serves the HTTP API).
+
+Browser sessions (the ``telerad_session`` cookie, ``start_session``) are rows of the same
+table, so disabling a user or a new password ends them with the bearer tokens: the cookie's
+token is kept as the sha256 of a domain-separated string, so it is never accepted as a bearer
+token nor a bearer token as a cookie. ``access_expires_at`` is the idle deadline (it slides
+on use, ``SESSION_IDLE_S``), ``refresh_expires_at`` the absolute one (``SESSION_MAX_S``).
 """
 
 from __future__ import annotations
@@ -33,6 +39,16 @@ REFRESH_TTL_S: Final = 12 * 3600
 MAX_FAILURES_PER_USER: Final = 5
 MAX_FAILURES_PER_ADDRESS: Final = 20
 FAILURE_WINDOW_S: Final = 300.0
+#: A browser session ends after this long without a request: longer than one hard read plus
+#: its report in a viewer that fetched every frame up front and asks the hub nothing while
+#: the radiologist scrolls and dictates, short enough that a workstation left unlocked over
+#: a break or overnight is signed out.
+SESSION_IDLE_S: Final = 2 * 3600
+#: ... and at the latest this long after signing in, however active: one long reading shift.
+SESSION_MAX_S: Final = 12 * 3600
+#: The idle deadline is moved on only when that gains this much: with the viewer fetching
+#: hundreds of frames a second, one write a minute per session at most.
+SESSION_TOUCH_S: Final = 60.0
 
 #: argon2id (the library's default type) with its RFC 9106 "low memory" parameters.
 _HASHER = PasswordHasher()
@@ -72,8 +88,25 @@ class Tokens:
     expires_in: int
 
 
+@dataclass(frozen=True)
+class BrowserSession:
+    """A browser sign-in: ``token`` goes into the session cookie and nowhere else."""
+
+    token: str
+    principal: Principal
+    expires_at: float  # the absolute end; the idle deadline slides
+
+
 def _sha(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+#: Cookie tokens are stored under a prefix: a bearer lookup (``_sha(token)``) never finds one.
+_SESSION_DOMAIN: Final = "telerad browser session\x00"
+
+
+def _session_sha(token: str) -> str:
+    return _sha(_SESSION_DOMAIN + token)
 
 
 def new_password() -> str:
@@ -107,9 +140,17 @@ class _Limiter:
 
 
 class Accounts:
-    def __init__(self, engine: Engine, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        clock: Callable[[], float] = time.time,
+        *,
+        session_idle_s: float = SESSION_IDLE_S,
+        session_max_s: float = SESSION_MAX_S,
+    ) -> None:
         self.session: sessionmaker[Session] = sessionmaker(engine, expire_on_commit=False)
         self.clock = clock
+        self.session_idle_s, self.session_max_s = session_idle_s, session_max_s
         self._by_user = _Limiter(MAX_FAILURES_PER_USER, FAILURE_WINDOW_S)
         self._by_address = _Limiter(MAX_FAILURES_PER_ADDRESS, FAILURE_WINDOW_S)
 
@@ -195,6 +236,12 @@ class Accounts:
 
     def sign_in(self, username: str, password: str, address: str) -> Tokens:
         now = self.clock()
+        user = self._check_sign_in(username, password, address, now)
+        return self._issue(user.id, address, now)
+
+    def _check_sign_in(self, username: str, password: str, address: str, now: float) -> User:
+        """The user these credentials name; the same checks and limits for every kind of
+        sign-in (``TooManyAttempts``, ``SignInRefused``)."""
         wait = max(
             self._by_user.retry_after(username, now), self._by_address.retry_after(address, now)
         )
@@ -212,7 +259,7 @@ class Accounts:
             self._by_address.failed(address, now)
             raise SignInRefused("wrong username or password, or the user is disabled")
         self._by_user.clear(username)
-        return self._issue(user.id, address, now)
+        return user
 
     def refresh(self, refresh_token: str, address: str) -> Tokens:
         now = self.clock()
@@ -259,6 +306,72 @@ class Accounts:
                 .values(revoked_at=self.clock())
             )
 
+    # -- browser sessions ------------------------------------------------------------------
+
+    def start_session(self, username: str, password: str, address: str) -> BrowserSession:
+        """Sign in for a browser (the session cookie): the checks and limits of ``sign_in``."""
+        now = self.clock()
+        user = self._check_sign_in(username, password, address, now)
+        token = secrets.token_urlsafe(32)
+        expires_at = now + self.session_max_s
+        with self.session.begin() as s:
+            s.add(
+                AuthSession(
+                    user_id=user.id,
+                    access_sha256=_session_sha(token),
+                    # Never handed out: a session cannot be "refreshed" into bearer tokens.
+                    refresh_sha256=_sha(secrets.token_urlsafe(32)),
+                    access_expires_at=min(now + self.session_idle_s, expires_at),
+                    refresh_expires_at=expires_at,
+                    address=address[:64],
+                    created_at=now,
+                )
+            )
+        return BrowserSession(token, _principal(user), expires_at)
+
+    def session_principal(self, token: str, *, touch: bool = True) -> Principal | None:
+        """The user of a session cookie, or None: unknown, idle too long, past its absolute
+        end, revoked, or a disabled user. ``touch`` moves the idle deadline on (a request)."""
+        now = self.clock()
+        with self.session() as s:
+            row = s.execute(
+                select(AuthSession, User)
+                .join(User, User.id == AuthSession.user_id)
+                .where(AuthSession.access_sha256 == _session_sha(token))
+            ).first()
+        if row is None:
+            return None
+        session, user = row
+        if (
+            session.revoked_at is not None
+            or session.access_expires_at <= now
+            or session.refresh_expires_at <= now
+            or not user.active
+        ):
+            return None
+        idle_until = min(now + self.session_idle_s, session.refresh_expires_at)
+        if touch and idle_until - session.access_expires_at >= SESSION_TOUCH_S:
+            with self.session.begin() as s:
+                s.execute(
+                    update(AuthSession)
+                    .where(AuthSession.id == session.id, AuthSession.revoked_at.is_(None))
+                    .values(access_expires_at=idle_until)
+                )
+        return _principal(user)
+
+    def end_session(self, token: str) -> None:
+        with self.session.begin() as s:
+            s.execute(
+                update(AuthSession)
+                .where(
+                    AuthSession.access_sha256 == _session_sha(token),
+                    AuthSession.revoked_at.is_(None),
+                )
+                .values(revoked_at=self.clock())
+            )
+
+    # -- who is calling --------------------------------------------------------------------
+
     def principal(self, access_token: str) -> Principal | None:
         """The caller of a request, or None: unknown, expired, revoked, or a disabled user."""
         now = self.clock()
@@ -273,7 +386,11 @@ class Accounts:
         session, user = row
         if session.revoked_at is not None or session.access_expires_at <= now or not user.active:
             return None
-        return Principal(user.id, user.username, user.role, user.radiologist, user.station)
+        return _principal(user)
+
+
+def _principal(user: User) -> Principal:
+    return Principal(user.id, user.username, user.role, user.radiologist, user.station)
 
 
 def _check_password(password: str) -> None:

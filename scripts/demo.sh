@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 source scripts/_venv.sh
 ensure_venv
 "$VENV/bin/pip" install -q -e .
+# The OHIF viewer at the hub's /viewer (once; the hub itself never downloads anything).
+bash scripts/install_viewer.sh || echo "viewer not installed: the hub's /viewer answers 503" >&2
 exec "$VENV/bin/telerad" demo "$@"

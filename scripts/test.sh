@@ -5,9 +5,13 @@
 # with TELERAD_REQUIRE_PEERS=1 (what .ci/run sets).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-APT_PACKAGES=(dcmtk orthanc orthanc-dicomweb postgresql python3-venv openssl fuse3)
+# chromium: browser tests of the viewer; nodejs npm: scripts/install_viewer.sh (the OHIF viewer).
+APT_PACKAGES=(dcmtk orthanc orthanc-dicomweb postgresql python3-venv openssl fuse3 chromium nodejs npm)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
+  # A Node.js from elsewhere (NodeSource's nodejs bundles npm and conflicts with Debian's npm).
+  if { [ "$pkg" = nodejs ] && command -v node >/dev/null 2>&1; } ||
+    { [ "$pkg" = npm ] && command -v npm >/dev/null 2>&1; }; then continue; fi
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -27,6 +31,10 @@ fi
 source scripts/_venv.sh
 ensure_venv
 "$VENV/bin/pip" install -q -e '.[test]'
+# The OHIF viewer the hub serves (once; skipped while viewer/package-lock.json is unchanged).
+if ! bash scripts/install_viewer.sh; then
+  echo "viewer not installed: its tests will be skipped (TELERAD_REQUIRE_PEERS=1: fail)" >&2
+fi
 echo "== ruff"; "$VENV/bin/ruff" check .
 echo "== mypy"; "$VENV/bin/mypy"
 echo "== pytest"

@@ -29,8 +29,9 @@ from reading_queue.intake.service import IngestService
 from reading_queue.worklist.service import Worklist
 from telerad import __version__
 from viewer_api import dicomweb
+from viewer_api.csrf import CsrfProtection
 from viewer_api.deps import StationAuth
-from viewer_api.routes import audit, auth, health, ingest, studies, viewer
+from viewer_api.routes import audit, auth, health, ingest, login, studies, viewer
 from viewer_api.routes import worklist as worklist_routes
 
 #: Manifests and commits; a 5,000-instance study's manifest is ~600 KB.
@@ -164,6 +165,7 @@ def create_app(
     app.state.access = Access(ingest_service.engine)
     app.include_router(ingest.router)
     app.include_router(auth.router)
+    app.include_router(login.router)
     app.include_router(audit.router)
     app.include_router(worklist_routes.router)
     app.include_router(studies.router)
@@ -173,7 +175,9 @@ def create_app(
         app.include_router(health.metrics_router)
     app.include_router(viewer.router)  # last: its catch-all paths never shadow the API
     # The last added runs first: a request is authenticated before its size is looked at,
-    # so an unauthenticated one is 401 however large its body says it is.
+    # so an unauthenticated one is 401 however large its body says it is; the CSRF check of
+    # browser sessions runs last, so the form bodies it reads are already size-limited.
+    app.add_middleware(CsrfProtection, accounts=app.state.accounts, audit=app.state.audit)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(StationAuth, ingest=ingest_service)
     return app

@@ -175,9 +175,7 @@ def worklist(
     last = rows[-1] if rows else None
     return {
         "studies": [study_item(r, now) for r in rows],
-        "next": _encode_cursor([getattr(last, c.key) for c in columns])
-        if more and last
-        else None,
+        "next": _encode_cursor([getattr(last, c.key) for c in columns]) if more and last else None,
     }
 
 
@@ -188,9 +186,7 @@ def radiologist_key(user: Any) -> str:
 
 
 @router.post("/next")
-def next_study(
-    request: Request, user: UserDep, audit: AuditDep, wl: WorklistDep
-) -> dict[str, Any]:
+def next_study(request: Request, user: UserDep, audit: AuditDep, wl: WorklistDep) -> dict[str, Any]:
     """Pull: the engine's most urgent study this radiologist may read now, assigned to them;
     ``{"study": null, "reason": ...}`` when there is none (off shift, full, or nothing)."""
     key = radiologist_key(user)
