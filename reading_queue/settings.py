@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -39,6 +40,11 @@ class HubSettings(ListenerSettings):
     #: Largest JSON request body (manifests, commits) in KiB, refused with 413 before it is
     #: parsed; a 5,000-instance manifest is ~600 KiB. tus bundle uploads have their own limit.
     max_json_body_kb: int = Field(default=8 * 1024, gt=0)
+    #: Web origins (``https://viewer.example.org``) whose pages may call the people's API and
+    #: DICOMweb from the browser (CORS, with credentials). Empty: none; a page on the hub's
+    #: own origin (the OHIF viewer it serves) needs nothing. ``*`` is refused: these answers
+    #: are patient data.
+    cors_origins: list[str] = Field(default_factory=list)
     #: ``push``: the hub assigns studies as they arrive and as capacity frees;
     #: ``pull``: radiologists take the next study themselves (leases, escalation and
     #: releases run in both modes).
@@ -54,6 +60,26 @@ class HubSettings(ListenerSettings):
     roster_file: Path | None = None
     #: SLAs, leases, escalation, RVU table: the ``[hub.queue]`` table.
     queue: Any = None
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        out = []
+        for origin in value:
+            parts = urlsplit(origin)
+            if (
+                parts.scheme not in ("http", "https")
+                or not parts.hostname
+                or parts.path not in ("", "/")
+                or parts.query
+                or parts.fragment
+                or parts.username
+            ):
+                raise ValueError(
+                    f"cors_origins: {origin!r} is not an origin like https://viewer.example.org"
+                )
+            out.append(f"{parts.scheme}://{parts.netloc}".lower())
+        return out
 
     @field_validator("queue", mode="before")
     @classmethod

@@ -41,6 +41,7 @@ class Hub:
             api_docs=settings.api_docs,
             metrics=settings.metrics_port < 0,
             max_body_bytes=settings.max_json_body_kb * 1024,
+            cors_origins=settings.cors_origins,
         )
         self.inbox = DicomInbox(settings, self.ingest)
         self._server: uvicorn.Server | None = None

@@ -15,10 +15,11 @@ parses them.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -147,9 +148,11 @@ def create_app(
     api_docs: bool = False,
     metrics: bool = True,
     max_body_bytes: int = DEFAULT_MAX_BODY,
+    cors_origins: Sequence[str] = (),
 ) -> FastAPI:
     """The hub's HTTP app. ``api_docs`` serves /docs, /redoc and /openapi.json; ``metrics``
-    serves /metrics here (off when the hub has a separate metrics listener)."""
+    serves /metrics here (off when the hub has a separate metrics listener);
+    ``cors_origins`` are the web origins whose pages may call the hub (none by default)."""
     app = FastAPI(
         title="telerad hub",
         version=__version__,
@@ -180,4 +183,23 @@ def create_app(
     app.add_middleware(CsrfProtection, accounts=app.state.accounts, audit=app.state.audit)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(StationAuth, ingest=ingest_service)
+    if cors_origins:
+        # Outermost: a preflight is answered before anything asks for credentials. Exact
+        # origins only, with credentials (a page elsewhere signs in with a bearer token; the
+        # session cookie is SameSite=Lax and never travels cross-site).
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_credentials=True,
+            allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
+            allow_headers=[
+                "Authorization",
+                "Accept",
+                "Content-Type",
+                "X-CSRF-Token",
+                "Last-Event-ID",
+            ],
+            expose_headers=["ETag", "Content-Length", "Content-Type", "Warning", "Retry-After"],
+            max_age=600,
+        )
     return app
