@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # chromium: browser tests of the viewer; nodejs npm: scripts/install_viewer.sh (the OHIF viewer).
-APT_PACKAGES=(dcmtk orthanc orthanc-dicomweb postgresql python3-venv openssl fuse3 chromium nodejs npm)
+APT_PACKAGES=(dcmtk orthanc orthanc-dicomweb postgresql python3-venv openssl fuse3 chromium fonts-dejavu-core fonts-khmeros nodejs npm)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   # A Node.js from elsewhere (NodeSource's nodejs bundles npm and conflicts with Debian's npm).
