@@ -363,3 +363,95 @@ class AuditEvent(Base):
     #: EventOutcomeIndicator: 0 success, 4 minor, 8 serious, 12 major failure
     outcome: Mapped[int] = mapped_column(Integer, default=0)
     detail: Mapped[str] = mapped_column(String(255), default="")
+
+
+# -- DICOM attribute index (QIDO-RS) ---------------------------------------------------------
+#
+# Derived from the instance headers inside the transaction that records each instance
+# (reading_queue.intake.index), so it never disagrees with hub_instances; ``telerad hub
+# reindex`` builds it from the archive for instances stored before it existed. Counts and
+# modalities cover committed instances only: DICOMweb shows nothing of a study still arriving.
+# Text is Unicode, decoded with each file's Specific Character Set. ``*_key`` columns hold the
+# normalised (NFC, upper-case) form that case-insensitive matching compares.
+
+#: PostgreSQL: LIKE 'prefix%' uses these indexes whatever the database's collation.
+_PATTERN_OPS = "text_pattern_ops"
+
+
+class DicomStudyIndex(Base):
+    """Study-level attributes (from the study's first indexed instance; blanks filled by
+    later ones). PHI: never logged."""
+
+    __tablename__ = "dicom_studies"
+    __table_args__ = (
+        # the default order of a study search (StudyDate, StudyTime descending) and date ranges
+        Index("ix_dicom_studies_date", "study_date", "study_time", "study_uid"),
+        Index(
+            "ix_dicom_studies_patient_name_key",
+            "patient_name_key",
+            postgresql_ops={"patient_name_key": _PATTERN_OPS},
+        ),
+        Index(
+            "ix_dicom_studies_patient_id",
+            "patient_id",
+            postgresql_ops={"patient_id": _PATTERN_OPS},
+        ),
+        Index(
+            "ix_dicom_studies_accession_number",
+            "accession_number",
+            postgresql_ops={"accession_number": _PATTERN_OPS},
+        ),
+    )
+    study_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    patient_name: Mapped[str] = mapped_column(String(200), default="")
+    patient_name_key: Mapped[str] = mapped_column(String(200), default="")
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    patient_birth_date: Mapped[str] = mapped_column(String(16), default="")
+    patient_sex: Mapped[str] = mapped_column(String(16), default="")
+    study_date: Mapped[str] = mapped_column(String(16), default="")
+    study_time: Mapped[str] = mapped_column(String(16), default="")
+    accession_number: Mapped[str] = mapped_column(String(64), default="")
+    study_description: Mapped[str] = mapped_column(String(128), default="")
+    study_description_key: Mapped[str] = mapped_column(String(128), default="")
+    referring_physician_name: Mapped[str] = mapped_column(String(200), default="")
+    referring_physician_key: Mapped[str] = mapped_column(String(200), default="")
+    study_id: Mapped[str] = mapped_column(String(64), default="")
+    #: ModalitiesInStudy of the committed series, backslash-separated, sorted
+    modalities: Mapped[str] = mapped_column(String(255), default="")
+    #: committed series and instances (0: nothing committed yet, not shown)
+    series_count: Mapped[int] = mapped_column(Integer, default=0)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class DicomSeriesIndex(Base):
+    """Series-level attributes. Keyed by study and series: a series UID reused in another
+    study (it happens) is two series, as hub_instances files them."""
+
+    __tablename__ = "dicom_series"
+    __table_args__ = (Index("ix_dicom_series_modality", "modality", "study_uid"),)
+    study_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    series_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    series_description: Mapped[str] = mapped_column(String(128), default="")
+    series_description_key: Mapped[str] = mapped_column(String(128), default="")
+    series_date: Mapped[str] = mapped_column(String(16), default="")
+    series_time: Mapped[str] = mapped_column(String(16), default="")
+    body_part_examined: Mapped[str] = mapped_column(String(64), default="")
+    #: committed instances
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class DicomInstanceIndex(Base):
+    """Instance-level attributes, one row per ``hub_instances`` row (same key). A table of its
+    own rather than columns on hub_instances: the ingest ledger stays as it is, the index can
+    be dropped and rebuilt, and "not indexed yet" is simply a missing row (reindex)."""
+
+    __tablename__ = "dicom_instances"
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64), default="")

@@ -29,6 +29,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from reading_queue import QueueError
+from reading_queue.intake import index
 from reading_queue.intake.archive import Archive, ArchiveError, open_archive
 from reading_queue.models import (
     DicomSource,
@@ -488,12 +489,14 @@ class IngestService:
         if digest.hexdigest() != upload.bundle_sha256:
             raise BundleRejected(f"bundle {upload.id} does not match its announced sha256")
         stored: list[HubInstance] = []
+        indexed: list[index.IndexEntry] = []
         conflicts: list[HubConflict] = []
         now = time.time()
         with path.open("rb") as fh:
             for entry, data in read_bundle(fh):
                 try:
-                    ident = identity_of(read_header(data, decode=False))
+                    header = read_header(data, decode=False)
+                    ident = identity_of(header)
                 except (IdentityError, UndecodableError) as exc:
                     raise BundleRejected(
                         f"bundle entry {entry.sop_instance_uid}: unusable header: {exc}"
@@ -549,10 +552,12 @@ class IngestService:
                         received_at=now,
                     )
                 )
+                indexed.append(index.entry_of(header, ident))
         with self.session.begin() as s:
             study = self._touch_study(s, station, upload.study_uid, StudyMeta())
             for inst in stored:
                 s.merge(inst)
+            index.record(s, indexed)
             study.bytes = (study.bytes or 0) + sum(i.size for i in stored)
             s.add_all(conflicts)
             row = s.get(Upload, upload.id)
@@ -573,7 +578,8 @@ class IngestService:
         """Hold one instance that arrived at the hub directly (not through a bundle)."""
         sha = hashlib.sha256(data).hexdigest()
         try:
-            ident = identity_of(read_header(data, decode=False))
+            header = read_header(data, decode=False)
+            ident = identity_of(header)
         except (IdentityError, UndecodableError) as exc:
             raise InstanceRefused(f"unusable header: {exc}") from exc
         sop_uid, study_uid = ident.sop_instance_uid, ident.study_uid
@@ -616,6 +622,7 @@ class IngestService:
                     received_at=time.time(),
                 )
             )
+            index.record(s, [index.entry_of(header, ident)])
         return sop_uid
 
     # -- commit ----------------------------------------------------------------------------
@@ -669,6 +676,7 @@ class IngestService:
                     .values(state="committed", committed_at=now)
                 )
                 newly += int(getattr(res, "rowcount", 0) or 0)
+            index.refresh_studies(s, [study_uid])
             study = self._touch_study(s, station, study_uid, meta)
             total = int(
                 s.scalar(

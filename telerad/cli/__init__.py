@@ -19,6 +19,7 @@ from telerad.cli.common import _setup_logging, console
 from telerad.cli.gateway import gateway_app
 from telerad.cli.hub import hub_app
 from telerad.cli.radiologist import radiologist_app
+from telerad.cli.reindex import hub_reindex
 from telerad.cli.roster import roster_app
 from telerad.cli.samples import samples_app
 from telerad.cli.source import source_app
@@ -36,6 +37,7 @@ hub_app.add_typer(radiologist_app, name="radiologist")
 hub_app.add_typer(roster_app, name="roster")
 hub_app.add_typer(study_app, name="study")
 hub_app.command("audit")(hub_audit)
+hub_app.command("reindex")(hub_reindex)
 app.add_typer(samples_app, name="samples")
 
 

@@ -48,7 +48,9 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessHub]:
     """One hub for the module: the viewer directory is looked up per request, so each test
     points ``TELERAD_VIEWER_DIR`` where it needs."""
     with InProcessHub(tmp_path_factory.mktemp("viewer-hub") / "hub", dicom_port=NO_DICOM) as h:
-        Accounts(h.hub.ingest.engine).add_user("reader", "radiologist", PASSWORD, radiologist="dr.reader")
+        Accounts(h.hub.ingest.engine).add_user(
+            "reader", "radiologist", PASSWORD, radiologist="dr.reader"
+        )
         yield h
 
 
