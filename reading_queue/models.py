@@ -120,6 +120,8 @@ class Upload(Base):
 
 class HubStudy(Base):
     __tablename__ = "hub_studies"
+    #: a clinic's searches filter on its station
+    __table_args__ = (Index("ix_hub_studies_station", "station"),)
     study_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
     station: Mapped[str] = mapped_column(String(64), default="")
     modality: Mapped[str] = mapped_column(String(16), default="")
@@ -135,6 +137,9 @@ class HubStudy(Base):
     #: Instances the sender could not forward for good, as it said at commit (0: whole).
     missing_instances: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     missing_reason: Mapped[str] = mapped_column(String(500), default="", server_default="")
+    #: When the sender (station gateway, the hub's own DICOM port) received its first
+    #: instance, in the hub's clock (see ``StudyMeta.received_age_s``); None: not told.
+    station_received_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class HubInstance(Base):

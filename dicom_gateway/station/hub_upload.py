@@ -181,6 +181,7 @@ class HubTransport:
                 "priority": study.priority,
                 "modality": study.modality,
                 "body_part": study.body_part,
+                "received_age_s": max(0.0, time.time() - study.first_received),
                 "sop_instance_uids": uids,
                 "failed": failed,
             },
@@ -214,6 +215,7 @@ class HubTransport:
                 "priority": study.priority,
                 "modality": study.modality,
                 "body_part": study.body_part,
+                "received_age_s": max(0.0, time.time() - study.first_received),
                 "instances": [
                     {"sop_instance_uid": r[0], "size": r[1], "sha256": r[2]} for r in pending
                 ],

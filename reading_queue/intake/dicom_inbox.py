@@ -106,7 +106,12 @@ class LocalTransport:
                 station,
                 study.study_uid,
                 uids,
-                StudyMeta(study.priority, study.modality, study.body_part),
+                StudyMeta(
+                    study.priority,
+                    study.modality,
+                    study.body_part,
+                    max(0.0, time.time() - study.first_received),
+                ),
                 failed,
             )
         except QueueError as exc:  # the hub's own answer about this study, not a link

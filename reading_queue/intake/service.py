@@ -113,6 +113,10 @@ class StudyMeta:
     priority: int = 2
     modality: str = ""
     body_part: str = ""
+    #: How long ago the sender received the study's first instance, by its own clock: the
+    #: hub dates that receipt by its clock minus this age (a station's clock may be off by
+    #: hours; an age only carries the link's latency).
+    received_age_s: float | None = None
 
 
 @dataclass
@@ -323,6 +327,8 @@ class IngestService:
             study.priority = meta.priority
             study.modality = study.modality or meta.modality
             study.body_part = study.body_part or meta.body_part
+        if meta.received_age_s is not None and study.station_received_at is None:
+            study.station_received_at = min(time.time() - meta.received_age_s, study.first_received)
         return study
 
     # -- tus uploads -----------------------------------------------------------------------

@@ -314,3 +314,37 @@ def test_a_stat_assigned_to_me_arrives_as_a_server_sent_event(hub: Hub) -> None:
     assert got[0]["by"] == "admin:boss"
     with hub.as_("nurse1") as n1:
         assert n1.get("/api/worklist/events").status_code == 403
+
+
+@pytest.mark.needs_dcmtk
+def test_the_journey_starts_at_the_station(hub: Hub, tmp_path: Path) -> None:
+    """A study pushed by a modality into a gateway: its page shows when the station got it
+    (in the hub's clock), then the hub, then the worklist."""
+    from pydicom import dcmread
+
+    from sample_studies.generate import make_cr
+    from tests.support.peers import storescu
+    from tests.support.telerad_procs import InProcessGateway
+
+    cr = make_cr(tmp_path / "push", seed=3, rows=256, columns=200)
+    uid = str(dcmread(cr, stop_before_pixels=True).StudyInstanceUID)
+    token = hub.hub.hub.ingest.rotate_token("tram-1")
+    with InProcessGateway(tmp_path / "gw", hub_url=hub.url, token=token) as gw:
+        before = time.time()
+        assert storescu([cr], "127.0.0.1", gw.port, gw.aet, "MODALITY").returncode == 0
+        wait_until(lambda: uid in hub.hub.committed(), 60, "the study at the hub")
+    wl = hub.hub.hub.worklist
+    wait_until(lambda: _on_worklist(wl, uid), 30, "the study on the worklist")
+    with hub.as_("boss") as boss:
+        page = boss.get(f"/api/studies/{uid}").json()
+    steps = {j["step"]: j["at"] for j in page["journey"]}
+    assert list(steps)[:3] == ["at_station", "at_hub", "complete_at_hub"], steps
+    assert before - 1 <= steps["at_station"] <= steps["at_hub"] <= steps["complete_at_hub"]
+
+
+def _on_worklist(wl: Any, uid: str) -> bool:
+    try:
+        wl.study(uid)
+    except Exception:
+        return False
+    return True

@@ -60,6 +60,8 @@ class StudyHeader(BaseModel):
     priority: int = Field(default=2, ge=0, le=2)
     modality: str = ""
     body_part: str = ""
+    #: seconds since the station received the study's first instance (its journey's start)
+    received_age_s: float | None = Field(default=None, ge=0, le=366 * 86400)
 
 
 class ManifestIn(StudyHeader):
@@ -160,7 +162,7 @@ def announce(
         missing = ingest.announce(
             station,
             study_uid,
-            StudyMeta(body.priority, body.modality, body.body_part),
+            StudyMeta(body.priority, body.modality, body.body_part, body.received_age_s),
             [ManifestEntry(i.sop_instance_uid, i.size, i.sha256) for i in body.instances],
         )
     return ManifestOut(missing=missing)
@@ -175,7 +177,7 @@ def commit(
             station,
             study_uid,
             body.sop_instance_uids,
-            StudyMeta(body.priority, body.modality, body.body_part),
+            StudyMeta(body.priority, body.modality, body.body_part, body.received_age_s),
             [(f.sop_instance_uid, f.reason) for f in body.failed],
         )
     return CommitOut(

@@ -164,6 +164,8 @@ def study(
     audit.record(user, "", "study.read", PATIENT_RECORD, study_uid=uid, address=address(request))
     journey: list[dict[str, Any]] = []
     if hub is not None:
+        if hub.station_received_at is not None:
+            journey.append({"step": "at_station", "at": hub.station_received_at})
         journey.append({"step": "at_hub", "at": hub.first_received})
         if hub.committed_at is not None:
             journey.append({"step": "complete_at_hub", "at": hub.committed_at})
