@@ -16,6 +16,7 @@ import prometheus_client
 import uvicorn
 
 from reading_queue.intake.dicom_inbox import DicomInbox
+from reading_queue.intake.index import count_unindexed
 from reading_queue.intake.service import open_ingest
 from reading_queue.settings import HubSettings
 from reading_queue.worklist.worker import QueueWorker, open_worklist
@@ -51,6 +52,13 @@ class Hub:
 
     def start_dicom(self) -> None:
         self.ingest.recover()
+        unindexed = count_unindexed(self.ingest.engine)
+        if unindexed:
+            logger.warning(
+                "%d archived instances are not in the DICOM index yet: DICOMweb and the "
+                "viewer do not show them until `telerad hub reindex` has run",
+                unindexed,
+            )
         self.ingest.expire_uploads(self.settings.upload_expiry_s)
         threading.Thread(target=self._housekeeping, daemon=True, name="hub-housekeeping").start()
         self.inbox.start()
