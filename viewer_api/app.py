@@ -32,6 +32,7 @@ from telerad import __version__
 from viewer_api import dicomweb
 from viewer_api.csrf import CsrfProtection
 from viewer_api.deps import StationAuth
+from viewer_api.dicomweb.wado import warm_headers_on_commit
 from viewer_api.routes import audit, auth, health, ingest, login, studies, viewer
 from viewer_api.routes import worklist as worklist_routes
 
@@ -173,6 +174,7 @@ def create_app(
     app.include_router(worklist_routes.router)
     app.include_router(studies.router)
     app.include_router(dicomweb.router)
+    warm_headers_on_commit(app)
     app.include_router(health.router)
     if metrics:
         app.include_router(health.metrics_router)
