@@ -22,6 +22,7 @@ from dicom_gateway.station.scu import send_paths
 from dicom_gateway.station.service import Gateway
 from dicom_gateway.station.settings import GatewaySettings
 from reading_queue import QueueError
+from reading_queue.accounts import Accounts, new_password
 from reading_queue.settings import HubSettings
 from reading_queue.worklist.roster import RadiologistSpec, Roster, ShiftSpec, StationSpec
 from telerad.core.priority import Priority
@@ -173,6 +174,7 @@ def run_demo(data_dir: Path, *, ct_slices: int, serve: bool, console: Console) -
         console.print(table)
         if not _show_worklist(hub, set(expected), console):
             return 1
+        _show_sign_in(hub, hub_url, sorted(expected), console)
         console.print(
             f"next: telerad hub worklist --data-dir {data_dir / 'hub'}   |   "
             f"telerad hub study history UID --data-dir {data_dir / 'hub'}   |   "
@@ -190,6 +192,32 @@ def run_demo(data_dir: Path, *, ct_slices: int, serve: bool, console: Console) -
     finally:
         gw.stop()
         hub.stop()
+
+
+#: the demo's people: a radiologist of the demo roster and an admin
+DEMO_USERS = (("lan", "radiologist", "dr.lan"), ("admin", "admin", None))
+
+
+def _show_sign_in(hub: Hub, hub_url: str, uids: list[str], console: Console) -> None:
+    """Demo users with fresh passwords (printed: this hub listens on loopback only), and
+    the viewer link of each study."""
+    accounts = Accounts(hub.ingest.engine)
+    known = {u.username for u in accounts.users()}
+    table = Table(title=f"Sign in at {hub_url}/login")
+    table.add_column("user")
+    table.add_column("role")
+    table.add_column("password")
+    for username, role, key in DEMO_USERS:
+        password = new_password()
+        if username in known:
+            accounts.set_password(username, password)
+            accounts.set_active(username, True)
+        else:
+            accounts.add_user(username, role, password, radiologist=key)
+        table.add_row(username, role, password)
+    console.print(table)
+    for uid in uids:
+        console.print(f"  {hub_url}/viewer?StudyInstanceUIDs={uid}")
 
 
 def _show_worklist(hub: Hub, uids: set[str], console: Console) -> bool:

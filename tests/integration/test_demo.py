@@ -22,6 +22,8 @@ def test_demo_flows_samples_to_the_hub(tmp_path: Path) -> None:
         res = _run("demo", "--data-dir", str(tmp_path), "--ct-slices", "6", "--verbose")
         assert res.returncode == 0, f"run {attempt}:\n{res.stdout}\n{res.stderr[-4000:]}"
         assert "Committed at the hub" in res.stderr
+        # and where a visitor signs in and opens each study in the viewer
+        assert "/login" in res.stderr and res.stderr.count("/viewer?StudyInstanceUIDs=") == 2
         logs += res.stdout + res.stderr
     # Privacy: no patient name or ID in anything the services logged (debug level included).
     identities = set()
