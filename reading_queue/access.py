@@ -20,7 +20,10 @@ from one that does not exist: callers answer both with the same 404.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -52,9 +55,18 @@ def _like_prefix(value: str) -> str:
     return escaped + "-%"
 
 
+#: how long one caller's answer for one study is reused: a viewer fetching a study's frames
+#: asks hundreds of times a second, and a reassignment may take this long to be felt
+DECISION_TTL_S = 2.0
+_DECISIONS_KEPT = 4096
+
+
 class Access:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.engine = engine
+        self.clock = clock
+        self._decisions: OrderedDict[tuple[Any, ...], tuple[float, bool]] = OrderedDict()
+        self._lock = threading.Lock()
 
     # -- the rule, as SQL ----------------------------------------------------------------
 
@@ -121,7 +133,21 @@ class Access:
     # -- the rule, for one study or a few ------------------------------------------------
 
     def can_see(self, who: Caller, study_uid: str) -> bool:
-        return bool(self.filter(who, [study_uid]))
+        """Whether ``who`` may see the study; one caller's answer is reused for
+        ``DECISION_TTL_S`` (a frame request must not cost a database round trip each)."""
+        key = (who.role, who.radiologist, who.station, study_uid)
+        now = self.clock()
+        with self._lock:
+            hit = self._decisions.get(key)
+            if hit is not None and now - hit[0] < DECISION_TTL_S:
+                return hit[1]
+        seen = bool(self.filter(who, [study_uid]))
+        with self._lock:
+            self._decisions[key] = (now, seen)
+            self._decisions.move_to_end(key)
+            while len(self._decisions) > _DECISIONS_KEPT:
+                self._decisions.popitem(last=False)
+        return seen
 
     def filter(self, who: Caller, study_uids: Iterable[str]) -> set[str]:
         """The UIDs among ``study_uids`` that ``who`` may see."""

@@ -208,3 +208,23 @@ def _priors_of(wl: Worklist, uids: set[str]) -> set[str]:
         rows = list(conn.execute(select(Study.study_uid, Study.patient_key, Study.institution)))
     anchors = {(k, i) for u, k, i in rows if u in uids and k}
     return {u for u, k, i in rows if (k, i) in anchors}
+
+
+def test_one_callers_answer_is_reused_for_two_seconds_only(db_url: str) -> None:
+    wl, _ = build(db_url, 4)
+    now = [1000.0]
+    access = Access(wl.engine, clock=lambda: now[0])
+    lan = who("radiologist", radiologist="dr-vn")
+    with wl.engine.connect() as conn:
+        uid = conn.scalar(select(Study.study_uid).where(Study.assignee == "dr-vn"))
+    assert uid is not None and access.can_see(lan, uid)
+    with wl.engine.begin() as conn:  # reassigned away (and no pool or prior path to it)
+        conn.execute(
+            update(Study)
+            .where(Study.study_uid == uid)
+            .values(assignee="dr-kh", state="assigned", patient_key="")
+        )
+    assert access.can_see(lan, uid)  # the answer of a moment ago
+    now[0] += 2.5
+    assert not access.can_see(lan, uid)
+    assert not access.filter(lan, [uid])  # searches never use the reused answers
