@@ -194,19 +194,23 @@ def run_demo(data_dir: Path, *, ct_slices: int, serve: bool, console: Console) -
         hub.stop()
 
 
-#: the demo's people: a radiologist of the demo roster and an admin
-DEMO_USERS = (("lan", "radiologist", "dr.lan"), ("admin", "admin", None))
+#: the demo's people: the demo roster's Vietnamese radiologists and an admin
+DEMO_USERS = (
+    ("lan", "radiologist", "dr.lan"),
+    ("minh", "radiologist", "dr.minh"),
+    ("admin", "admin", None),
+)
 
 
 def _show_sign_in(hub: Hub, hub_url: str, uids: list[str], console: Console) -> None:
     """Demo users with fresh passwords (printed: this hub listens on loopback only), and
-    the viewer link of each study."""
+    each study's viewer link with who may open it."""
     accounts = Accounts(hub.ingest.engine)
     known = {u.username for u in accounts.users()}
+    readers: dict[str, str] = {}
     table = Table(title=f"Sign in at {hub_url}/login")
-    table.add_column("user")
-    table.add_column("role")
-    table.add_column("password")
+    for col in ("user", "role", "password"):
+        table.add_column(col, no_wrap=True)
     for username, role, key in DEMO_USERS:
         password = new_password()
         if username in known:
@@ -214,10 +218,20 @@ def _show_sign_in(hub: Hub, hub_url: str, uids: list[str], console: Console) -> 
             accounts.set_active(username, True)
         else:
             accounts.add_user(username, role, password, radiologist=key)
+        if key:
+            readers[key] = username
         table.add_row(username, role, password)
     console.print(table)
-    for uid in uids:
-        console.print(f"  {hub_url}/viewer?StudyInstanceUIDs={uid}")
+    for st in hub.worklist.studies():
+        if st.study_uid not in uids:
+            continue
+        who = readers.get(st.assignee or "", "")
+        console.print(
+            f"{st.modality}: {hub_url}/viewer?StudyInstanceUIDs={st.study_uid}"
+            f"  (sign in as {who + ' or ' if who else ''}admin)",
+            soft_wrap=True,
+            highlight=False,
+        )
 
 
 def _show_worklist(hub: Hub, uids: set[str], console: Console) -> bool:
