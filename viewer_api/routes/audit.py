@@ -44,9 +44,9 @@ def audit_events(
     event_type: str | None = None,
     since: Annotated[datetime | None, Query(description="ISO 8601 or epoch seconds")] = None,
     until: Annotated[datetime | None, Query(description="ISO 8601 or epoch seconds")] = None,
-    outcome: Annotated[int | None, Query(description="0, 4, 8 or 12")] = None,
+    outcome: Annotated[int | None, Query(ge=0, le=12, description="0, 4, 8 or 12")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
-    after_id: Annotated[int | None, Query(ge=0)] = None,
+    after_id: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
 ) -> dict[str, Any]:
     rows = audit.query(
         username=username,
