@@ -171,14 +171,16 @@ class AuditTrail:
             "detail": _cut(detail, 255),
         }
         with self._lock:
+            self._queue.append(row)
             if not self._closed:
-                self._queue.append(row)
                 if self._thread is None:
                     self._start()
                 if len(self._queue) >= self.batch_size:
                     self._wake.set()
                 return
-        self._insert([row])  # closed: nobody will write it later
+        # Closed: nobody will write it later. Written now, behind whatever this thread (or
+        # any other) queued before the close, so each caller's events keep their order.
+        self.flush()
 
     def record_reads(
         self,
