@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, Select, and_, exists, false, func, or_, select, true
+from sqlalchemy import ColumnElement, and_, exists, false, func, or_, select, true
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import aliased
 
@@ -74,18 +74,30 @@ class Access:
         """A condition on the study UID column ``uid``: true for the studies ``who`` may
         see. It reads the caller's roster row and station exclusions now (one small query)
         and embeds them, so it is cheap to evaluate per row."""
+        return self.visibility(who)(uid)
+
+    def visibility(self, who: Caller) -> Callable[[Any], ColumnElement[bool]]:
+        """``visible`` for any UID column, with the caller's roster row read now, once.
+        Call it before taking a connection for the statement: a request that holds one
+        pooled connection while it asks for a second starves the pool under load (every
+        worker holds one and waits for another until the pool times out)."""
         if who.role == "admin":
-            return true()
+            return lambda uid: true()
         if who.role == "clinic":
-            if not who.station:
-                return false()
-            return uid.in_(select(HubStudy.study_uid).where(HubStudy.station == who.station))
+            station = who.station
+            if not station:
+                return lambda uid: false()
+            return lambda uid: exists(
+                select(HubStudy.study_uid).where(
+                    HubStudy.study_uid == uid, HubStudy.station == station
+                )
+            )
         if who.role == "radiologist" and who.radiologist:
             spec = self._reader(who.radiologist)
             if spec is None:
-                return false()
-            return uid.in_(_with_priors(spec))
-        return false()
+                return lambda uid: false()
+            return lambda uid: _visible_to_reader(spec, uid)
+        return lambda uid: false()
 
     def worklist(self, who: Caller) -> ColumnElement[bool]:
         """A condition on ``studies``: the worklist entries ``who`` may see. For a
@@ -99,6 +111,15 @@ class Access:
             spec = self._reader(who.radiologist)
             return false() if spec is None else _own_or_pool(spec, Study)
         return false()
+
+    def worklist_branches(self, who: Caller) -> list[ColumnElement[bool]]:
+        """``worklist`` as conditions whose OR it is (a radiologist's own studies, the pool),
+        so a page can be read branch by branch, each in index order: a radiologist's page
+        then reads about a page of the pool instead of the whole pool."""
+        if who.role == "radiologist" and who.radiologist:
+            spec = self._reader(who.radiologist)
+            return [false()] if spec is None else _own_and_pool(spec, Study)
+        return [self.worklist(who)]
 
     def _reader(self, key: str) -> _ReaderSpec | None:
         """What the pool condition needs of radiologist ``key`` (None: not on the roster)."""
@@ -157,13 +178,14 @@ class Access:
         if who.role == "admin":
             return self._existing(uids)
         found: set[str] = set()
+        visible = self.visibility(who)  # before the connection: see ``visibility``
         with self.engine.execution_options(read_only=True).connect() as conn:
             for at in range(0, len(uids), 500):
                 chunk = uids[at : at + 500]
                 known = select(HubStudy.study_uid.label("uid")).where(HubStudy.study_uid.in_(chunk))
                 on_worklist = select(Study.study_uid.label("uid")).where(Study.study_uid.in_(chunk))
                 candidates = known.union(on_worklist).subquery()
-                stmt = select(candidates.c.uid).where(self.visible(who, candidates.c.uid))
+                stmt = select(candidates.c.uid).where(visible(candidates.c.uid))
                 found.update(conn.scalars(stmt))
         return found
 
@@ -193,9 +215,14 @@ class _ReaderSpec:
 def _own_or_pool(spec: _ReaderSpec, t: Any) -> ColumnElement[bool]:
     """On the studies table (or an alias ``t`` of it): assigned to the reader, or in the
     ready pool they are eligible for."""
+    return or_(*_own_and_pool(spec, t))
+
+
+def _own_and_pool(spec: _ReaderSpec, t: Any) -> list[ColumnElement[bool]]:
+    """``_own_or_pool`` as its branches: assigned to the reader; the pool (when any)."""
     mine: ColumnElement[bool] = t.assignee == spec.key
     if not spec.active or not spec.modalities or not spec.licences:
-        return mine
+        return [mine]
     pool = [
         t.state == POOL_STATE,
         func.upper(t.modality).in_(list(spec.modalities)),
@@ -212,23 +239,31 @@ def _own_or_pool(spec: _ReaderSpec, t: Any) -> ColumnElement[bool]:
         pool.append(or_(t.language == "", t.language.in_(list(spec.languages))))
     if spec.excluded_by:
         pool.append(t.station.notin_(list(spec.excluded_by)))
-    return or_(mine, and_(*pool))
+    return [mine, and_(*pool)]
 
 
-def _with_priors(spec: _ReaderSpec) -> Select[Any]:
+#: the aliases of ``_visible_to_reader``, made once: a new alias per call costs more to
+#: build (each attribute adapted anew) than the whole statement costs to run
+_VISIBLE = aliased(Study, name="visible_study")
+_PRIOR_OF = aliased(Study, name="prior_of")
+
+
+def _visible_to_reader(spec: _ReaderSpec, uid: Any) -> ColumnElement[bool]:
     """The reader's own and pool studies, and every study of the same patient (same
-    ``patient_key``, same institution) as one of them."""
-    base = aliased(Study)
-    prior = aliased(Study)
-    direct = select(Study.study_uid).where(_own_or_pool(spec, Study))
-    priors = select(prior.study_uid).where(
-        prior.patient_key != "",
+    ``patient_key``, same institution) as one of them: a condition on the row ``uid``
+    names, so the database looks at the candidates only (one primary-key and one
+    ``patient_key`` lookup each) instead of building the reader's whole visible set."""
+    study, base = _VISIBLE, _PRIOR_OF
+    prior = and_(
+        study.patient_key != "",
         exists(
             select(base.study_uid).where(
-                base.patient_key == prior.patient_key,
-                base.institution == prior.institution,
+                base.patient_key == study.patient_key,
+                base.institution == study.institution,
                 _own_or_pool(spec, base),
             )
         ),
     )
-    return select(direct.union(priors).subquery().c.study_uid)
+    return exists(
+        select(study.study_uid).where(study.study_uid == uid, or_(_own_or_pool(spec, study), prior))
+    )

@@ -149,6 +149,12 @@ class Accounts:
         session_max_s: float = SESSION_MAX_S,
     ) -> None:
         self.session: sessionmaker[Session] = sessionmaker(engine, expire_on_commit=False)
+        #: for lookups: on SQLite a plain BEGIN beside the writer, not BEGIN IMMEDIATE (the
+        #: write lock, see models.make_engine), so a push round or an audit write never
+        #: holds up the authentication of every request
+        self.read: sessionmaker[Session] = sessionmaker(
+            engine.execution_options(read_only=True), expire_on_commit=False
+        )
         self.clock = clock
         self.session_idle_s, self.session_max_s = session_idle_s, session_max_s
         self._by_user = _Limiter(MAX_FAILURES_PER_USER, FAILURE_WINDOW_S)
@@ -197,7 +203,7 @@ class Accounts:
         return user
 
     def users(self) -> list[User]:
-        with self.session() as s:
+        with self.read() as s:
             return list(s.scalars(select(User).order_by(User.username)))
 
     def _user(self, s: Session, username: str) -> User:
@@ -247,7 +253,7 @@ class Accounts:
         )
         if wait > 0:
             raise TooManyAttempts(wait)
-        with self.session() as s:
+        with self.read() as s:
             user = s.scalar(select(User).where(User.username == username))
         ok = False
         try:
@@ -333,7 +339,7 @@ class Accounts:
         """The user of a session cookie, or None: unknown, idle too long, past its absolute
         end, revoked, or a disabled user. ``touch`` moves the idle deadline on (a request)."""
         now = self.clock()
-        with self.session() as s:
+        with self.read() as s:
             row = s.execute(
                 select(AuthSession, User)
                 .join(User, User.id == AuthSession.user_id)
@@ -375,7 +381,7 @@ class Accounts:
     def principal(self, access_token: str) -> Principal | None:
         """The caller of a request, or None: unknown, expired, revoked, or a disabled user."""
         now = self.clock()
-        with self.session() as s:
+        with self.read() as s:
             row = s.execute(
                 select(AuthSession, User)
                 .join(User, User.id == AuthSession.user_id)

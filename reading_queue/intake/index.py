@@ -36,7 +36,7 @@ from typing import Any, Final
 from pydicom import Dataset
 from pydicom.datadict import tag_for_keyword
 from pydicom.multival import MultiValue
-from sqlalchemy import ColumnElement, Select, and_, func, literal, or_, select
+from sqlalchemy import ColumnElement, Select, and_, exists, func, literal, or_, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -843,8 +843,12 @@ def condition(c: Criterion, level: Level, dialect: str) -> ColumnElement[bool]:
     if a.kind == "modalities":
         series = aliased(DicomSeriesIndex)
         wanted = _text_match(series.modality, c, dialect)
-        return _study_col(level).in_(
-            select(series.study_uid).where(series.instance_count > 0, wanted)
+        # correlated, not ``IN (every study with such a series)``: the search walks its
+        # order's index and checks each row, instead of sorting all the matches
+        return exists(
+            select(series.study_uid).where(
+                series.study_uid == _study_col(level), series.instance_count > 0, wanted
+            )
         )
     if a.kind == "key":
         return _text_match(getattr(a.model, a.key), c, dialect)

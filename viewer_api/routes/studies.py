@@ -143,7 +143,6 @@ def study(
             .group_by(HubInstance.series_uid)
             .order_by(HubInstance.series_uid)
         ).all()
-        events = [] if entry is None else wl_history(wl, uid)
         priors: list[Study] = []
         if entry is not None and entry.patient_key:
             priors = list(
@@ -158,6 +157,8 @@ def study(
                     .limit(50)
                 )
             )
+    # after the session: a second pooled connection while one is held starves the pool
+    events = [] if entry is None else wl_history(wl, uid)
     seen = access.filter(user, [p.study_uid for p in priors])
     priors = [p for p in priors if p.study_uid in seen]
     now = wl.clock()

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, func, or_, select, union
 from sqlalchemy.orm import InstrumentedAttribute
 from starlette.concurrency import run_in_threadpool
 
@@ -150,8 +150,8 @@ def worklist(
     first). ``next`` is the cursor of the following page, null on the last one."""
     desc = sort.startswith("-")
     columns = SORTS[sort.lstrip("-")]
-    conds: list[ColumnElement[bool]] = [access.worklist(user)]
-    conds.append(Study.state.in_(_states(state) or list(DEFAULT_STATES)))
+    branches = access.worklist_branches(user)
+    conds: list[ColumnElement[bool]] = [Study.state.in_(_states(state) or list(DEFAULT_STATES))]
     if priority:
         conds.append(Study.priority.in_(_priorities(priority)))
     if modality:
@@ -163,8 +163,18 @@ def worklist(
     if cursor:
         conds.append(_after(columns, _decode_cursor(cursor, len(columns)), desc))
     order = [c.desc() if desc else c.asc() for c in columns]
+    if len(branches) == 1:
+        stmt = select(Study).where(branches[0], *conds)
+    else:
+        # A page of each branch (own studies, the pool), each read in index order, then
+        # the page of their union: the database never sorts the whole pool.
+        pages = [
+            select(Study.study_uid).where(b, *conds).order_by(*order).limit(limit + 1).subquery()
+            for b in branches
+        ]
+        stmt = select(Study).where(Study.study_uid.in_(union(*(select(p.c[0]) for p in pages))))
     with wl.read() as s:
-        rows = list(s.scalars(select(Study).where(*conds).order_by(*order).limit(limit + 1)))
+        rows = list(s.scalars(stmt.order_by(*order).limit(limit + 1)))
     more = len(rows) > limit
     rows = rows[:limit]
     now = wl.clock()
