@@ -66,7 +66,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import httpx
 from sqlalchemy import bindparam, insert, select, text, update
@@ -409,15 +409,26 @@ class Signed:
     seen: list[str] = field(default_factory=list)
 
 
+#: Answers slower than this are listed with when they started (``slow`` in the JSON): spikes
+#: at a fixed period point at the hub's periodic work (queue rounds every 15 s).
+SLOW_MS: Final = 100.0
+
+
 class Recorder:
     def __init__(self) -> None:
         self.ms: dict[str, list[float]] = defaultdict(list)
         self.errors: dict[str, int] = defaultdict(int)
         self.first_error: str = ""
+        self.started = time.monotonic()
+        #: (seconds into the phase when it started, ms) of every answer over SLOW_MS
+        self.slow: list[tuple[float, float]] = []
 
     def add(self, kind: str, seconds: float, answer: httpx.Response | None, err: str = "") -> None:
         if answer is not None and answer.status_code == 200:
             self.ms[kind].append(seconds * 1000.0)
+            if seconds * 1000.0 > SLOW_MS:
+                began = time.monotonic() - seconds - self.started
+                self.slow.append((round(began, 2), round(seconds * 1000.0, 1)))
             return
         self.errors[kind] += 1
         if not self.first_error:
@@ -603,13 +614,20 @@ def run_phase(
             # one request each first, so connections are open before the clock starts
             await asyncio.gather(*(h.get("/healthz") for h in https))
             t = time.monotonic()
+            rec.started = t
             until = t + seconds
-            await asyncio.gather(
-                *(
-                    loop_fn(h, c, random.Random(f"{c.user.username}{seconds}"), until, think_s, rec)
-                    for h, c in zip(https, clients, strict=True)
-                )
-            )
+
+            async def client(h: httpx.AsyncClient, c: Signed) -> None:
+                rng = random.Random(f"{c.user.username}{seconds}")
+                if think_s:
+                    # Readers are not synchronised: each starts somewhere in its first
+                    # think time. Fifty first requests in the same millisecond would queue
+                    # ~50 x the service time and be ~1.3 % of a minute's answers: the p99
+                    # would measure the benchmark's start, not the hub.
+                    await asyncio.sleep(random.Random(c.user.username).uniform(0, 1.5) * think_s)
+                await loop_fn(h, c, rng, until, think_s, rec)
+
+            await asyncio.gather(*(client(h, c) for h, c in zip(https, clients, strict=True)))
             return time.monotonic() - t
         finally:
             await asyncio.gather(*(h.aclose() for h in https))
@@ -634,6 +652,8 @@ def _phase_result(
         "first_error": rec.first_error,
         "all": summary(every),
         "kinds": {k: summary(v) for k, v in sorted(rec.ms.items())},
+        "slow": sorted(rec.slow),
+        "slow_seconds": sorted({int(t) for t, _ in rec.slow}),
         "cpu": {k: round(v, 1) for k, v in cpu.items()},
         "load_1min": load_average(),
         **psi.percent(),
@@ -801,8 +821,14 @@ def _say(db: str, phase: str, r: dict[str, Any]) -> None:
         f"p99 {a['p99_ms']:.1f} ms, max {a['max_ms']:.0f} ms"
         + (f", {errors} errors (first: {r['first_error']})" if errors else "")
     )
+    if r.get("slow_seconds") and think_phase(phase):
+        log(f"  answers over {SLOW_MS:.0f} ms started in seconds {r['slow_seconds']}")
     if "hub_error" in r:
         log(f"  hub log: {r['hub_error']}")
+
+
+def think_phase(phase: str) -> bool:
+    return phase != "saturation"
 
 
 # ---------------------------------------------------------------------------- report

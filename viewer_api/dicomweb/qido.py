@@ -37,6 +37,7 @@ from reading_queue.audit import QUERY, AuditTrail, Outcome
 from reading_queue.intake import index
 from reading_queue.intake.index import Level, Query, QueryError
 from telerad.core.identity import uid_problem
+from viewer_api import coding
 from viewer_api.routes.auth import AuditDep, UserDep
 
 router = APIRouter()
@@ -176,10 +177,11 @@ def _search(
     warnings = list(q.warnings) + ([_MORE] if result.more else [])
     # Search answers change as studies arrive and as access changes (a study handed to
     # someone else): never kept, not even by the browser.
-    headers = {"Cache-Control": "no-store"}
+    headers = {"Cache-Control": "no-store", "Vary": "Accept, Accept-Encoding"}
     if warnings:
         headers["Warning"] = _warning(warnings)
-    return Response(body.encode("utf-8"), media_type=MEDIA_TYPE, headers=headers)
+    data = coding.encode(body.encode("utf-8"), headers, coding.wants_gzip(request.headers))
+    return Response(data, media_type=MEDIA_TYPE, headers=headers)
 
 
 @router.get("/studies")

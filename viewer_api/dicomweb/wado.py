@@ -58,6 +58,7 @@ from starlette.datastructures import Headers
 
 from reading_queue.accounts import Principal
 from reading_queue.audit import INSTANCES_ACCESSED, AuditTrail, Outcome
+from viewer_api import coding
 from viewer_api.dicomweb import multipart as mp
 from viewer_api.dicomweb.instances import (
     BASE_MARKER_JSON,
@@ -92,6 +93,8 @@ MAX_FRAMES_PER_REQUEST: Final = 10_000
 #: Bumped when the JSON this module writes for the same instances changes.
 METADATA_VERSION: Final = "1"
 _PIXEL_TAGS: Final = frozenset({"7FE00010", "7FE00008", "7FE00009"})
+#: Syntaxes whose pixel data gzip shrinks (Deflated is gzip's own algorithm already).
+GZIPPED_SYNTAXES: Final = mp.NATIVE_SYNTAXES - {mp.DEFLATED}
 
 _store_lock = threading.Lock()
 
@@ -310,9 +313,13 @@ def single_part(
 
 
 def multipart_response(
-    boundary: str, part_type: str, parts: list[tuple[str, bytes]], headers: dict[str, str]
+    boundary: str,
+    part_type: str,
+    parts: list[tuple[str, bytes]],
+    headers: dict[str, str],
+    gzip: bool = False,
 ) -> Response:
-    body = b"".join(mp.write_multipart(boundary, parts))
+    body = coding.encode(b"".join(mp.write_multipart(boundary, parts)), headers, gzip)
     return Response(
         body, media_type=mp.multipart_content_type(part_type, boundary), headers=headers
     )
@@ -336,6 +343,17 @@ def info_or_fail(call: Call, study: str, row: InstanceRow) -> InstanceInfo:
 # ---------------------------------------------------------------------------- retrieve
 
 
+def _gzips(store: InstanceStore, first: InstanceRow, syntax: str | None) -> bool:
+    """Whether instances served in ``syntax`` (None: as stored, judged by the first,
+    since a modality sends a study in one syntax) are worth gzipping."""
+    if syntax is None:
+        try:
+            syntax = store.syntax(first)
+        except InstanceError:
+            return False
+    return syntax in GZIPPED_SYNTAXES
+
+
 def _retrieve(call: Call, study: str, rows: list[InstanceRow], level: str, uid: str) -> Response:
     request, store = call.request, call.store
     ranges = accept_ranges(call, study, f"retrieve {level}")
@@ -346,8 +364,9 @@ def _retrieve(call: Call, study: str, rows: list[InstanceRow], level: str, uid: 
         choice = mp.negotiate_retrieve(ranges, stored, can_transcode=can_transcode, single=single)
     except mp.NotAcceptable as exc:
         call.negotiation_failed(study, exc, f"retrieve {level} {uid}")
-    etag = make_etag("retrieve", rows_version(rows), choice.transfer_syntax, choice.multipart)
-    headers = cache_headers(etag, immutable=single)
+    gzip = coding.wants_gzip(request.headers) and _gzips(store, rows[0], choice.transfer_syntax)
+    etag = make_etag("retrieve", rows_version(rows), choice.transfer_syntax, choice.multipart, gzip)
+    headers = coding.vary(cache_headers(etag, immutable=single))
     as_what = choice.transfer_syntax or "as stored"
     detail = f"retrieve {level} {uid} ({len(rows)} instances, {as_what})"
     if not_modified(request.headers, etag):
@@ -370,9 +389,9 @@ def _retrieve(call: Call, study: str, rows: list[InstanceRow], level: str, uid: 
         call.ok(study, detail)
         part_ct = mp.content_type(mp.DICOM, syntax)
         if not choice.multipart:
-            return single_part(request, data, part_ct, headers)
+            return single_part(request, coding.encode(data, headers, gzip), part_ct, headers)
         boundary = mp.boundary_for(etag)
-        return multipart_response(boundary, mp.DICOM, [(part_ct, data)], headers)
+        return multipart_response(boundary, mp.DICOM, [(part_ct, data)], headers, gzip)
 
     call.ok(study, detail)
     boundary = mp.boundary_for(etag)
@@ -391,8 +410,12 @@ def _retrieve(call: Call, study: str, rows: list[InstanceRow], level: str, uid: 
             first = False
         yield mp.closing(boundary, empty=first)
 
+    if gzip:
+        headers["Content-Encoding"] = "gzip"
     return StreamingResponse(
-        stream(), media_type=mp.multipart_content_type(mp.DICOM, boundary), headers=headers
+        coding.gzip_stream(stream()) if gzip else stream(),
+        media_type=mp.multipart_content_type(mp.DICOM, boundary),
+        headers=headers,
     )
 
 
@@ -430,8 +453,9 @@ def _metadata(call: Call, study: str, rows: list[InstanceRow], level: str, uid: 
     except mp.NotAcceptable as exc:
         call.negotiation_failed(study, exc, f"metadata {level} {uid}")
     base = dicomweb_base(request)
-    etag = make_etag("metadata", METADATA_VERSION, base, media_type, rows_version(rows))
-    headers = cache_headers(etag, immutable=level == "instance")
+    gzip = coding.wants_gzip(request.headers)
+    etag = make_etag("metadata", METADATA_VERSION, base, media_type, rows_version(rows), gzip)
+    headers = coding.vary(cache_headers(etag, immutable=level == "instance"))
     detail = f"metadata {level} {uid} ({len(rows)} instances)"
     if not_modified(request.headers, etag):
         call.ok(study, detail + " not modified")
@@ -451,6 +475,7 @@ def _metadata(call: Call, study: str, rows: list[InstanceRow], level: str, uid: 
     body = b"[" + b",".join(info.json for info in infos) + b"]"
     escaped_base = json.dumps(base, ensure_ascii=False)[1:-1].encode("utf-8")
     body = body.replace(BASE_MARKER_JSON, b'"' + escaped_base)
+    body = coding.encode(body, headers, gzip)
     return Response(body, media_type=media_type, headers=headers)
 
 
@@ -512,11 +537,14 @@ def _frames_answer(
         )
     except mp.NotAcceptable as exc:
         call.negotiation_failed(study, exc, what)
+    gzip = choice.transfer_syntax in GZIPPED_SYNTAXES and coding.wants_gzip(request.headers)
     etag = make_etag(
         "frames", info.row.sop_instance_uid, info.row.sha256, ",".join(map(str, numbers)),
-        choice.media_type, choice.transfer_syntax, choice.convert, choice.multipart,
+        choice.media_type, choice.transfer_syntax, choice.convert, choice.multipart, gzip,
     )  # fmt: skip
     headers = cache_headers(etag, immutable=True)
+    if choice.transfer_syntax in GZIPPED_SYNTAXES:
+        headers = coding.vary(headers)
     detail = f"{what} as {choice.transfer_syntax}"
     if not_modified(request.headers, etag):
         call.ok(study, detail + " not modified")
@@ -536,9 +564,9 @@ def _frames_answer(
     call.ok(study, detail[:255])
     part_ct = mp.content_type(choice.media_type, choice.transfer_syntax)
     if not choice.multipart:
-        return single_part(request, bodies[0], part_ct, headers)
+        return single_part(request, coding.encode(bodies[0], headers, gzip), part_ct, headers)
     parts = [(part_ct, body) for body in bodies]
-    return multipart_response(mp.boundary_for(etag), choice.media_type, parts, headers)
+    return multipart_response(mp.boundary_for(etag), choice.media_type, parts, headers, gzip)
 
 
 @router.get("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}")
