@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import bindparam, func, or_, select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -47,18 +48,18 @@ class RoundsMixin(WebhooksMixin):
     """Push rounds: the engine's plan for every open study, applied in one transaction."""
 
     def _recent_rvu(self, s: Session, now: float, key: str | None = None) -> dict[str, float]:
-        q = (
-            select(Study.assignee, func.sum(Study.rvu))
-            .where(
-                Study.reported_at.is_not(None),
-                Study.reported_at > now - _RECENT_WORK_S,
-                Study.assignee.is_not(None),
-            )
-            .group_by(Study.assignee)
+        # Summed here, not by GROUP BY: SQLite (no statistics) would walk the assignee index
+        # of the whole history for the grouping (~70 ms at 100,000 studies) instead of the
+        # window's few rows in ix_studies_reported_at (~0.2 ms).
+        q = select(Study.assignee, Study.rvu).where(
+            Study.reported_at > now - _RECENT_WORK_S, Study.assignee.is_not(None)
         )
         if key is not None:
             q = q.where(Study.assignee == key)
-        return {str(k): float(v or 0.0) for k, v in s.execute(q)}
+        out: dict[str, float] = defaultdict(float)
+        for who, rvu in s.execute(q):
+            out[str(who)] += float(rvu or 0.0)
+        return dict(out)
 
     def _sticky(self, s: Session, now: float) -> dict[str, str]:
         """patient key -> reader of their open or most recent study (for studies waiting)."""
